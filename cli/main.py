@@ -1,0 +1,43 @@
+"""Entry point of the `cotap` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cotap.cli import bundle_cmd, export_cmd
+from cotap.cli.common import CLIError
+from cotap.core.version import __version__
+
+# Each subcommand module exposes register(subparsers); order is the order of `cotap --help`.
+COMMANDS = [export_cmd, bundle_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cotap",
+        description="CoTAP dense image features: train, export, serve and query patch embeddings.",
+    )
+    parser.add_argument("--version", action="version", version=f"cotap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"cotap: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cotap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

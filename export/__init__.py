@@ -1,0 +1,1 @@
+"""cotap.export"""

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cotap.core.images import DecodeLimits, ImageDecodeError, decode_image, load_pixels
+from cotap.core.preprocess import PreprocessConfig
+from cotap.core.wire import ErrorCode
+
+
+def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb(w: int = 64, h: int = 48) -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_accepted_formats(fmt: str) -> None:
+    img, size = decode_image(_encode(_rgb(), fmt))
+    assert img.mode == "RGB" and img.size == (64, 48) and size == (48, 64)
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    data = _encode(_rgb(64, 48), "JPEG", exif=exif.tobytes())
+    img, size = decode_image(data)
+    assert img.size == (48, 64) and size == (64, 48)
+
+
+def test_draft_mode_keeps_target_covered() -> None:
+    data = _encode(_rgb(1024, 768), "JPEG", quality=90)
+    cfg = PreprocessConfig(size=(224, 224), patch_size=16)
+    img, size = decode_image(data, target=cfg)
+    assert size == (768, 1024)
+    assert img.size[0] >= 224 and img.size[1] >= 224 and img.size[0] < 1024  # decoded at a reduced DCT scale
+    x, orig = load_pixels(data, cfg)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32 and orig == (768, 1024)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    ["L", "RGBA", "P", "CMYK", "I;16", "LA"],
+)
+def test_mode_conversion(mode: str) -> None:
+    base = _rgb()
+    if mode == "I;16":
+        img = Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16))
+        fmt = "PNG"
+    elif mode == "CMYK":
+        img, fmt = base.convert("CMYK"), "JPEG"
+    else:
+        img, fmt = base.convert(mode), "PNG"
+    out, _ = decode_image(_encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (64, 48)
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "data,code",
+    [
+        (b"", ErrorCode.BAD_IMAGE),
+        (b"not an image at all", ErrorCode.BAD_IMAGE),
+        (_png_header_only(20000, 20000), ErrorCode.IMAGE_TOO_LARGE),
+        (_png_header_only(1, 1), ErrorCode.BAD_IMAGE),
+    ],
+)
+def test_guards(data: bytes, code: ErrorCode) -> None:
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(data, DecodeLimits(max_pixels=40_000_000, min_side=16))
+    assert e.value.code == code
+
+
+def test_truncated_jpeg_is_bad_image() -> None:
+    data = _encode(_rgb(256, 256), "JPEG")
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(data[: len(data) // 2])
+    assert e.value.code == ErrorCode.BAD_IMAGE
+
+
+def test_gif_is_unsupported() -> None:
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(_encode(_rgb(), "GIF"))
+    assert e.value.code == ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+def test_byte_limit() -> None:
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(_encode(_rgb(), "PNG"), DecodeLimits(max_bytes=100))
+    assert e.value.code == ErrorCode.IMAGE_TOO_LARGE

@@ -1,0 +1,139 @@
+"""The CoTAP ViT against its contract and against a naive per-position reference of §2.2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cotap.training.models import build_model, list_models, model_config
+
+
+def test_vits16_contract() -> None:
+    torch.manual_seed(0)
+    m = build_model("cotap_vits16").eval()
+    with torch.no_grad():
+        out = m.forward_features(torch.randn(2, 3, 224, 224))
+    assert out["patch"].shape == (2, 14, 14, 768)
+    assert out["cls"].shape == (2, 768)
+    assert out["assign"].shape == (2, 14, 14, 64)
+    torch.testing.assert_close(out["assign"].sum(-1), torch.ones(2, 14, 14), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert m.forward_features(torch.randn(1, 3, 224, 320))["patch"].shape == (1, 14, 20, 768)
+
+
+def test_vitb16_width() -> None:
+    m = build_model("cotap_vitb16", depth=2).eval()  # width does not depend on depth; keep it fast
+    with torch.no_grad():
+        out = m.forward_features(torch.randn(1, 3, 64, 48))
+    assert out["patch"].shape == (1, 4, 3, 1536) and out["cls"].shape == (1, 1536)
+
+
+def test_registry() -> None:
+    assert {"cotap_vits16", "cotap_vits8", "cotap_vitb16", "cotap_vitb8"} <= set(list_models())
+    assert model_config("cotap_vitb8").patch_size == 8
+    with pytest.raises(KeyError):
+        build_model("nope")
+    with pytest.raises(TypeError, match="unknown config keys"):
+        build_model("cotap_test", widht=3)
+
+
+def test_rejects_sides_not_multiple_of_patch() -> None:
+    m = build_model("cotap_test")
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        m.forward_features(torch.randn(1, 3, 33, 32))
+
+
+def test_intermediate_layers() -> None:
+    torch.manual_seed(0)
+    m = build_model("cotap_test", depth=3).eval()
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        layers = m.get_intermediate_layers(x, n=2)
+        maps = m.get_intermediate_layers(x, n=1, reshape=True)
+        train = m.forward_train(x)
+    assert len(layers) == 2 and layers[0].shape == (2, 1 + 4 * 5, 32)
+    assert maps[0].shape == (2, 32, 4, 5)
+    # the last backbone output is the filter's `h`: the first half of the 2D patch feature before norm
+    torch.testing.assert_close(train["last_input"], layers[0])
+
+
+def test_position_embedding_interpolation_identity_and_shape() -> None:
+    m = build_model("cotap_test")
+    assert m.interpolate_pos_encoding(4, 4) is m.pos_embed
+    assert m.interpolate_pos_encoding(3, 7).shape == (1, 1 + 21, 32)
+
+
+def _naive_filter(block, h: torch.Tensor, kernel: torch.Tensor, gh: int, gw: int):  # type: ignore[no-untyped-def]
+    """Per-position, per-head, per-prototype loops of the §2.2 formulas (independent of the model code)."""
+    b, n1, d = h.shape
+    heads = block.attn.num_heads
+    dh = d // heads
+    m_count, _, k, _ = kernel.shape
+    wq, wk, wv = block.attn.qkv.weight.split(d)
+    bq, bk, bv = block.attn.qkv.bias.split(d)
+
+    def ln(x, norm):  # type: ignore[no-untyped-def]
+        return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, eps=1e-6)
+
+    hn = ln(h, block.norm1)
+    q = hn @ wq.T + bq  # (B, 1+N, D)
+    protos = ln(kernel.permute(0, 2, 3, 1), block.norm_in)  # (M, k, k, D)
+    keys = protos @ wk.T + bk
+    vals = protos @ wv.T + bv
+    out = torch.zeros(b, n1, d, dtype=h.dtype)
+    assign = torch.zeros(b, gh * gw, m_count, dtype=h.dtype)
+    r = k // 2
+    for bi in range(b):
+        for hd in range(heads):
+            sl = slice(hd * dh, (hd + 1) * dh)
+            vmean = vals[..., sl].mean(dim=(1, 2))  # (M, dh)
+            kmean = keys[..., sl].mean(dim=(1, 2))
+            # CLS
+            s = torch.stack([(q[bi, 0, sl] * kmean[mi]).sum() for mi in range(m_count)]) / math.sqrt(m_count)
+            a = torch.softmax(s, 0)
+            out[bi, 0, sl] = (a[:, None] * vmean).sum(0)
+            for i in range(gh):
+                for j in range(gw):
+                    s = torch.zeros(m_count, dtype=h.dtype)
+                    for mi in range(m_count):
+                        for u in range(-r, r + 1):
+                            for v in range(-r, r + 1):
+                                ii, jj = i + u, j + v
+                                if 0 <= ii < gh and 0 <= jj < gw:
+                                    s[mi] += (q[bi, 1 + ii * gw + jj, sl] * keys[mi, u + r, v + r, sl]).sum()
+                    a = torch.softmax(s / math.sqrt(m_count), 0)
+                    out[bi, 1 + i * gw + j, sl] = (a[:, None] * vmean).sum(0)
+                    assign[bi, i * gw + j] += a / heads
+    z = h + out @ block.attn.proj.weight.T + block.attn.proj.bias
+    z = z + block.mlp.fc2(F.gelu(block.mlp.fc1(ln(z, block.norm2))))
+    patch = ln(torch.cat([h[:, 1:], z[:, 1:]], -1), block.norm_out_patch)
+    cls = ln(torch.cat([h[:, 0], z[:, 0]], -1), block.norm_out_cls)
+    return patch, cls, assign
+
+
+def test_filter_matches_naive_reference() -> None:
+    torch.manual_seed(0)
+    m = build_model("cotap_test", num_prototypes=5, embed_dim=16, num_heads=2).double().eval()
+    # make the norms non-trivial so a swapped norm would show
+    for p in m.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    fb = m.filter_block
+    gh, gw = 3, 4
+    h = torch.randn(2, 1 + gh * gw, 16, dtype=torch.float64)
+    with torch.no_grad():
+        patch, cls, assign = fb.filter(h, m.kernel, (gh, gw))
+        ref_patch, ref_cls, ref_assign = _naive_filter(fb, h, m.kernel, gh, gw)
+    torch.testing.assert_close(patch, ref_patch)
+    torch.testing.assert_close(cls, ref_cls)
+    torch.testing.assert_close(assign, ref_assign)
+
+
+def test_prototypes_detached_in_main_forward() -> None:
+    m = build_model("cotap_test")
+    out = m.forward_features(torch.randn(1, 3, 32, 32))
+    out["patch"].sum().backward()
+    assert m.kernel.grad is None
+    assert m.filter_block.norm_in.weight.grad is not None  # the block weights that transform prototypes learn

@@ -1,0 +1,1 @@
+"""CoTAP training wing: model, checkpoint loading, losses, data, trainer and evaluation (torch)."""
