@@ -137,3 +137,14 @@ def test_prototypes_detached_in_main_forward() -> None:
     out["patch"].sum().backward()
     assert m.kernel.grad is None
     assert m.filter_block.norm_in.weight.grad is not None  # the block weights that transform prototypes learn
+
+
+def test_no_filter_ablation_keeps_the_contract() -> None:
+    torch.manual_seed(0)
+    m = build_model("cotap_test", use_filter=False).eval()
+    with torch.no_grad():
+        out = m.forward_features(torch.randn(1, 3, 32, 32))
+        h = m.get_intermediate_layers(torch.randn(1, 3, 32, 32) * 0, n=1)[0]
+    assert out["patch"].shape == (1, 4, 4, 64) and out["cls"].shape == (1, 64)
+    torch.testing.assert_close(out["assign"], torch.full((1, 4, 4, 64), 1 / 64))
+    assert h.shape == (1, 17, 32)

@@ -31,6 +31,7 @@ class ViTConfig:
     num_prototypes: int = 64
     kernel_size: int = 3
     detach_prototypes: bool = True  # the main losses see `kernel.detach()`, as the release code
+    use_filter: bool = True  # False: ablation without the filter, outputs LayerNorm([h ; h]), uniform assign
 
     @property
     def output_dim(self) -> int:
@@ -129,8 +130,14 @@ class CoTAPViT(nn.Module):
         last_input = x
         fb = self.filter_block
         h, attn = fb(x, return_attention=return_attention)
-        kernel = self.kernel.detach() if self.config.detach_prototypes else self.kernel
-        patch, cls, assign = fb.filter(h, kernel, grid)
+        if self.config.use_filter:
+            kernel = self.kernel.detach() if self.config.detach_prototypes else self.kernel
+            patch, cls, assign = fb.filter(h, kernel, grid)
+        else:
+            patch = fb.norm_out_patch(torch.cat([h[:, 1:], h[:, 1:]], dim=-1))
+            cls = fb.norm_out_cls(torch.cat([h[:, 0], h[:, 0]], dim=-1))
+            m = self.config.num_prototypes
+            assign = h.new_full((h.shape[0], h.shape[1] - 1, m), 1.0 / m)
         out = {"patch": patch, "cls": cls, "assign": assign, "last_input": last_input}
         if attn is not None:
             out["cls_attention"] = attn[:, :, 0, 1:]
