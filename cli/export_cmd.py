@@ -34,6 +34,93 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     b.set_defaults(func=_bundle)
 
+    o = esub.add_parser(
+        "onnx",
+        help="bundle -> ONNX model (fp32/fp16/int8) added to the bundle after an accuracy gate",
+        description="Export the bundle's model to ONNX (input `images`, outputs patch/cls/assign, dynamic "
+        "batch, the declared input sizes), gate it against the torch fp32 model on fixture images and add "
+        "it to the bundle with its report. A failing gate writes nothing unless --force.",
+    )
+    o.add_argument("--bundle", required=True, help="bundle directory (the ONNX model is added to it)")
+    o.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    o.add_argument("--sizes", type=parse_sizes, help="input sizes, e.g. 224,336x448 (default: the bundle's)")
+    o.add_argument(
+        "--max-batch", type=int, default=32, help="largest batch the model is checked and served at"
+    )
+    o.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    o.add_argument(
+        "--calibration", help="int8 only: image folder for static QDQ calibration (default: dynamic)"
+    )
+    o.add_argument("--fixtures", help="image folder added to the generated gate fixtures")
+    o.add_argument("--force", action="store_true", help="write the model even if its gate fails (recorded)")
+    o.set_defaults(func=_onnx)
+
+    m = esub.add_parser(
+        "matching",
+        help="ONNX graph for patch correspondence (best match, score, mutual flag, top-k)",
+        description="Write a small ONNX graph taking two patch-feature maps and returning, per source "
+        "patch, the best target patch (flat index), its cosine score and whether the match is mutual.",
+    )
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", help="add onnx/matching.onnx to this bundle (dim from its config)")
+    src.add_argument("--out", help="write the graph to this file instead")
+    m.add_argument("--dim", type=int, help="feature width C (with --out; default: dynamic)")
+    m.add_argument("--top-k", type=int, default=0, help="also return the k best matches (0: off)")
+    m.add_argument("--opset", type=int, default=17)
+    m.set_defaults(func=_matching)
+
+    t = esub.add_parser(
+        "tensorrt",
+        help="build a TensorRT engine for a target GPU (needs the gpu extra and a GPU)",
+        description="Build a TensorRT engine from the bundle's ONNX model for one target of a targets "
+        "file: an optimisation profile per declared size, fp16/int8, workspace limit, timing cache, "
+        "LayerNorm/Softmax kept in fp32. The engine and its record are added to the bundle.",
+    )
+    t.add_argument("--bundle", required=True)
+    t.add_argument("--target", required=True, help="target name in the targets file")
+    t.add_argument("--targets", default="configs/targets.yaml", help="targets file (YAML)")
+    t.add_argument("--calibration", help="int8: image folder for the entropy calibrator")
+    t.add_argument(
+        "--timing-cache", help="timing cache file (default: next to the engine, kept across builds)"
+    )
+    t.add_argument("--force", action="store_true", help="keep the engine even if its accuracy gate fails")
+    t.set_defaults(func=_tensorrt)
+
+    bt = esub.add_parser(
+        "batch",
+        help="ONNX models, reports and engines or build scripts for every target of a targets file",
+        description="For every target: the ONNX model for its precision and sizes with its accuracy "
+        "report, the engine where this machine can build it, otherwise a build.sh with the exact trtexec "
+        "command and `cotap export tensorrt` call to run on the device. One failing target does not stop "
+        "the others; a summary table and an output-level manifest.json are written.",
+    )
+    bt.add_argument("--bundle", required=True)
+    bt.add_argument("--targets", default="configs/targets.yaml")
+    bt.add_argument("--out", required=True, help="output directory, e.g. dist/")
+    bt.add_argument("--only", help="comma-separated target names (default: all)")
+    bt.add_argument("--calibration", help="image folder for int8 targets (static QDQ)")
+    bt.add_argument("--force", action="store_true", help="keep models whose gate fails (recorded)")
+    bt.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    bt.set_defaults(func=_batch)
+
+    tr = esub.add_parser(
+        "triton",
+        help="Triton / KServe model repository from a bundle's ONNX models and engines",
+        description="Write a Triton model repository: <name>/config.pbtxt (dynamic batching, max batch, "
+        "dims, instance groups) and <name>/1/model.onnx, plus a <name>_trt TensorRT variant when the "
+        "bundle has engines.",
+    )
+    tr.add_argument("--bundle", required=True)
+    tr.add_argument("--out", required=True, help="model repository directory")
+    tr.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    tr.add_argument("--name", help="model name in the repository (default: the bundle's name)")
+    tr.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"], default="KIND_GPU")
+    tr.add_argument("--instances", type=int, default=1, help="model instances per device")
+    tr.add_argument("--max-queue-delay-us", type=int, default=2000)
+    tr.add_argument("--export-missing", action="store_true", help="export the ONNX model first if absent")
+    tr.add_argument("--overwrite", action="store_true")
+    tr.set_defaults(func=_triton)
+
 
 def _bundle(args: argparse.Namespace) -> int:
     require("torch", "export")
@@ -68,4 +155,126 @@ def _bundle(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    require("torch", "export")
+    require("onnxruntime", "export")
+    from cotap.core.bundle import BundleError
+    from cotap.export.fixtures import FixtureError
+    from cotap.export.gate import GateError
+    from cotap.export.onnx import export_onnx
+    from cotap.training.checkpoints import CheckpointError
+
+    try:
+        record = export_onnx(
+            args.bundle,
+            precision=args.precision,
+            sizes=args.sizes,
+            max_batch=args.max_batch,
+            opset=args.opset,
+            force=args.force,
+            calibration=args.calibration,
+            fixtures=args.fixtures,
+            progress=True,
+        )
+    except GateError as e:
+        raise CLIError(str(e)) from e
+    except (BundleError, CheckpointError, FixtureError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    from cotap.export.gate import summary_of
+
+    print(summary_of(record.gate))
+    print(json.dumps({"file": record.file, "sha256": record.sha256, "forced": record.forced}, indent=2))
+    return 0
+
+
+def _matching(args: argparse.Namespace) -> int:
+    require("onnx", "export")
+    from cotap.core.bundle import BundleError
+    from cotap.export.matching import add_matching_to_bundle, export_matching_onnx
+
+    try:
+        if args.bundle:
+            info = add_matching_to_bundle(args.bundle, top_k=args.top_k, opset=args.opset)
+        else:
+            info = export_matching_onnx(args.out, args.dim, top_k=args.top_k, opset=args.opset)
+    except (BundleError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _tensorrt(args: argparse.Namespace) -> int:
+    require("torch", "export")
+    from cotap.core.bundle import BundleError
+    from cotap.core.engine_compat import EngineCompatibilityError
+    from cotap.export.targets import TargetError, load_targets
+    from cotap.export.tensorrt import TensorRTUnavailable, build_engine
+
+    try:
+        targets = load_targets(args.targets)
+        if args.target not in targets:
+            raise CLIError(f"no target {args.target!r} in {args.targets}; known: {', '.join(targets)}")
+        record = build_engine(
+            args.bundle,
+            targets[args.target],
+            calibration=args.calibration,
+            timing_cache=args.timing_cache,
+            force=args.force,
+            progress=True,
+        )
+    except TensorRTUnavailable as e:
+        raise CLIError(str(e)) from e
+    except (BundleError, TargetError, EngineCompatibilityError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    print(json.dumps(record.to_dict(), indent=2))
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    require("torch", "export")
+    require("onnxruntime", "export")
+    from cotap.core.bundle import BundleError
+    from cotap.export.batch import export_batch
+    from cotap.export.targets import TargetError
+
+    only = [t.strip() for t in args.only.split(",") if t.strip()] if args.only else None
+    try:
+        result = export_batch(
+            args.bundle,
+            args.targets,
+            args.out,
+            only=only,
+            calibration=args.calibration,
+            force=args.force,
+            overwrite=args.overwrite,
+            progress=True,
+        )
+    except (BundleError, TargetError, ValueError, FileExistsError) as e:
+        raise CLIError(str(e)) from e
+    print(result.table())
+    print(f"manifest: {result.manifest_path}")
+    return 0 if result.ok else 1
+
+
+def _triton(args: argparse.Namespace) -> int:
+    from cotap.core.bundle import BundleError
+    from cotap.export.triton import TritonOptions, export_triton
+
+    options = TritonOptions(
+        precision=args.precision,
+        name=args.name,
+        kind=args.kind,
+        instances=args.instances,
+        max_queue_delay_us=args.max_queue_delay_us,
+    )
+    try:
+        written = export_triton(
+            args.bundle, args.out, options, export_missing=args.export_missing, overwrite=args.overwrite
+        )
+    except (BundleError, ValueError, FileExistsError) as e:
+        raise CLIError(str(e)) from e
+    print(json.dumps({"repository": str(args.out), "models": written}, indent=2))
     return 0

@@ -7,6 +7,8 @@ training sees what the server sees. A test keeps the two within a fraction of a 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cotap.core.preprocess import PreprocessConfig
@@ -24,6 +26,11 @@ def _bicubic(x: torch.Tensor) -> torch.Tensor:
 
 def resize_weights(in_size: int, out_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(out_size, in_size) matrix of Pillow's normalised bicubic coefficients for one axis."""
+    return _resize_weights(in_size, out_size).to(dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _resize_weights(in_size: int, out_size: int) -> torch.Tensor:
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
@@ -34,8 +41,7 @@ def resize_weights(in_size: int, out_size: int, dtype: torch.dtype = torch.float
     w = _bicubic((xs[None, :] - centers[:, None] + 0.5) / filterscale)
     inside = (xs[None, :] >= lo[:, None]) & (xs[None, :] < hi[:, None])
     w = torch.where(inside, w, torch.zeros_like(w))
-    w = w / w.sum(dim=1, keepdim=True)
-    return w.to(dtype)
+    return w / w.sum(dim=1, keepdim=True)
 
 
 def resize_tensor(image: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
@@ -52,13 +58,13 @@ def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     def horizontal(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == w:
             return x
-        wx = resize_weights(x.shape[-1], w).to(torch.float32).to(x.device)
+        wx = resize_weights(x.shape[-1], w, torch.float32).to(x.device)
         return (x @ wx.T).round_().clamp_(0, 255)
 
     def vertical(x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] == h:
             return x
-        wy = resize_weights(x.shape[-2], h).to(torch.float32).to(x.device)
+        wy = resize_weights(x.shape[-2], h, torch.float32).to(x.device)
         return (wy @ x).round_().clamp_(0, 255)
 
     # Pillow 13 does not always run the horizontal pass first; running first the pass with the

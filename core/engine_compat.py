@@ -1,0 +1,154 @@
+"""Can this machine run that TensorRT engine? A pure check on the engine's manifest record.
+
+TensorRT engines are tied to the GPU and the TensorRT version they were built with (the most
+common TensorRT complaint: "engine plan file is generated on an incompatible device"). The exporter
+records the facts in `EngineArtifact`; the server's TensorRT backend gathers the same facts about
+its own GPU and calls `check_engine_compatible` before deserialising, so a mismatch is refused with
+a message that says what to rebuild instead of a crash or silent slowness. No tensorrt import here.
+
+Rules (TensorRT documentation, "Engine Compatibility"):
+
+- TensorRT version: by default the runtime must be the exact version the engine was built with
+  (major.minor.patch; the build number is compared when both sides give one). Engines built with
+  `version_compatible` (TensorRT 8.6 or newer) also run on any later runtime.
+- Hardware: `none` needs the same compute capability (and, on a different GPU model of the same
+  compute capability, works with a warning: TensorRT may have picked tactics that are slow or
+  unavailable there). `same_compute_capability` needs the same compute capability. `ampere_plus`
+  needs compute capability 8.0 or newer on a non-Jetson GPU (hardware compatibility is not
+  supported on JetPack).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
+
+
+class EngineCompatibilityError(Exception):
+    """An engine that this machine must not load; the message says what to rebuild."""
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """The current machine as TensorRT sees it.
+
+    Build it in the backend, e.g. `DeviceFacts(torch.cuda.get_device_name(),
+    "%d.%d" % torch.cuda.get_device_capability(), tensorrt.__version__)`.
+    """
+
+    gpu_name: str
+    compute_capability: str  # "8.7"
+    tensorrt_version: str  # "10.3.0.26"
+    integrated: bool = False  # Jetson / DRIVE (shared memory iGPU)
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """The verdict: `ok`, the reasons when not, and warnings that do not block loading."""
+
+    ok: bool
+    reasons: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'10.3.0.26' -> (10, 3, 0, 26); non-numeric tails ('8.6.1.post1') are dropped."""
+    parts: list[int] = []
+    for piece in str(text).strip().split("."):
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        parts.append(int(digits))
+    if not parts:
+        raise ValueError(f"not a version: {text!r}")
+    return tuple(parts)
+
+
+def parse_compute_capability(text: str) -> tuple[int, int]:
+    """'8.7' -> (8, 7)."""
+    try:
+        major, minor = str(text).strip().split(".")
+        return int(major), int(minor)
+    except ValueError as e:
+        raise ValueError(f"compute capability must look like '8.7', got {text!r}") from e
+
+
+def same_tensorrt(built: str, running: str) -> bool:
+    """Same major.minor.patch, and the same build number when both versions give one."""
+    b, r = parse_version(built), parse_version(running)
+    if b[:3] != r[:3]:
+        return False
+    return len(b) < 4 or len(r) < 4 or b[3] == r[3]
+
+
+def _get(record: Any, name: str, default: Any = None) -> Any:
+    if isinstance(record, Mapping):
+        return record.get(name, default)
+    return getattr(record, name, default)
+
+
+def engine_compatibility(record: Any, device: DeviceFacts) -> Compatibility:
+    """Compare an engine record (`EngineArtifact` or its dict) with this machine's facts."""
+    reasons: list[str] = []
+    warnings: list[str] = []
+    built_trt = str(_get(record, "tensorrt_version", ""))
+    extra = _get(record, "extra", {}) or {}
+    version_compatible = bool(extra.get("version_compatible", False))
+    if version_compatible:
+        if parse_version(device.tensorrt_version) < parse_version(built_trt):
+            reasons.append(
+                f"it was built with TensorRT {built_trt} (version-compatible) and this machine has the "
+                f"older TensorRT {device.tensorrt_version}"
+            )
+    elif not same_tensorrt(built_trt, device.tensorrt_version):
+        reasons.append(
+            f"it was built with TensorRT {built_trt} and this machine has TensorRT {device.tensorrt_version}"
+        )
+    level = str(_get(record, "hardware_compatibility_level", "none"))
+    if level not in HARDWARE_LEVELS:
+        reasons.append(f"unknown hardware compatibility level {level!r}")
+    built_cc = parse_compute_capability(str(_get(record, "compute_capability", "0.0")))
+    here_cc = parse_compute_capability(device.compute_capability)
+    built_gpu = str(_get(record, "gpu_name", ""))
+    if level == "ampere_plus":
+        if here_cc < (8, 0):
+            reasons.append(
+                f"it is an Ampere-plus engine and this GPU ({device.gpu_name}, sm {device.compute_capability}) "
+                "is older than Ampere (sm 8.0)"
+            )
+        if device.integrated:
+            reasons.append("hardware-compatible (Ampere-plus) engines are not supported on Jetson/DRIVE")
+    elif here_cc != built_cc:
+        reasons.append(
+            f"it was built for compute capability {built_cc[0]}.{built_cc[1]} ({built_gpu}) and this GPU is "
+            f"{device.gpu_name} with compute capability {device.compute_capability}"
+        )
+    elif level == "none" and built_gpu and built_gpu != device.gpu_name:
+        warnings.append(
+            f"engine was built on {built_gpu} and runs here on {device.gpu_name} (same compute capability): "
+            "it should load, but its tactics were timed on the other GPU; rebuild here for best speed"
+        )
+    return Compatibility(ok=not reasons, reasons=tuple(reasons), warnings=tuple(warnings))
+
+
+def check_engine_compatible(record: Any, device: DeviceFacts) -> Compatibility:
+    """Raise `EngineCompatibilityError` naming what to rebuild when the engine cannot run here."""
+    verdict = engine_compatibility(record, device)
+    if not verdict.ok:
+        target = _get(record, "target", "?")
+        file = _get(record, "file", "?")
+        raise EngineCompatibilityError(
+            f"TensorRT engine {file} (target {target!r}) cannot be loaded here: "
+            + "; ".join(verdict.reasons)
+            + f". Rebuild it on this machine with `cotap export tensorrt --bundle BUNDLE --target {target}` "
+            f"(a target for {device.gpu_name}, sm {device.compute_capability}, TensorRT "
+            f"{device.tensorrt_version}), or serve the bundle's ONNX model with onnxruntime instead."
+        )
+    return verdict

@@ -1,0 +1,210 @@
+"""A Triton Inference Server model repository from a bundle: `cotap export triton --bundle DIR --out REPO`.
+
+Layout (Triton's "model repository", also what KServe's Triton runtime serves)::
+
+    REPO/<name>/config.pbtxt        platform onnxruntime_onnx, dynamic batching, dims, instance groups
+    REPO/<name>/1/model.onnx        the bundle's ONNX model of the chosen precision
+    REPO/<name>_trt/config.pbtxt    platform tensorrt_plan, one plan per compute capability
+    REPO/<name>_trt/1/<target>.plan (only when the bundle has engines)
+    REPO/cotap-repository.json      which bundle, files and hashes this was made from
+
+Dims exclude the batch axis (Triton adds it from `max_batch_size`). With one declared input size the
+dims are static; with several, H/W (and the grid) are -1 and clients send one of the declared sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cotap.core.artifacts import INPUT_NAME, engine_artifacts, onnx_artifacts
+from cotap.core.bundle import Bundle, read_bundle, sha256_file
+
+KINDS = ("KIND_GPU", "KIND_CPU")
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """Repository settings; saved in `cotap-repository.json`."""
+
+    precision: str = "fp32"
+    name: str | None = None  # default: the bundle's name
+    kind: str = "KIND_GPU"
+    instances: int = 1
+    max_queue_delay_us: int = 2000
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+def _dims(values: Sequence[int]) -> str:
+    return "[ " + ", ".join(str(int(v)) for v in values) + " ]"
+
+
+def io_dims(sizes: Sequence[tuple[int, int]], patch: int, dim: int, prototypes: int) -> dict[str, list[int]]:
+    """Per-tensor dims without the batch axis: -1 for H/W/grid when several sizes are served."""
+    if len(set(sizes)) == 1:
+        h, w = sizes[0]
+        gh, gw = h // patch, w // patch
+    else:
+        h = w = gh = gw = -1
+    return {INPUT_NAME: [3, h, w], "patch": [gh, gw, dim], "cls": [dim], "assign": [gh, gw, prototypes]}
+
+
+def config_pbtxt(
+    name: str,
+    platform: str,
+    max_batch: int,
+    dims: dict[str, list[int]],
+    options: TritonOptions,
+    *,
+    default_model_filename: str | None = None,
+    cc_model_filenames: dict[str, str] | None = None,
+    parameters: dict[str, str] | None = None,
+    profiles: int = 0,
+) -> str:
+    """The text-format `ModelConfig` for one model."""
+    if options.kind not in KINDS:
+        raise ValueError(f"instance kind must be one of {KINDS}")
+    if max_batch < 1 or options.instances < 1:
+        raise ValueError("max batch and instance count must be at least 1")
+    lines = [
+        f'name: "{name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch}",
+        "version_policy: { latest: { num_versions: 1 } }",
+    ]
+    if default_model_filename:
+        lines.append(f'default_model_filename: "{default_model_filename}"')
+    for cc, fn in sorted((cc_model_filenames or {}).items()):
+        lines.append(f'cc_model_filenames: {{ key: "{cc}" value: "{fn}" }}')
+    lines += [
+        "input [",
+        f'  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 dims: {_dims(dims[INPUT_NAME])} }}',
+        "]",
+        "output [",
+    ]
+    outs = [
+        f'  {{ name: "{k}" data_type: TYPE_FP32 dims: {_dims(dims[k])} }}' for k in ("patch", "cls", "assign")
+    ]
+    lines += [",\n".join(outs), "]", "dynamic_batching {"]
+    if options.preferred_batch_sizes:
+        lines.append(f"  preferred_batch_size: {_dims(options.preferred_batch_sizes)}")
+    lines += [
+        f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
+        "}",
+        "instance_group [",
+    ]
+    if profiles > 1:  # a TensorRT plan with one optimisation profile per size: one group per profile
+        groups = [
+            f'  {{ count: {options.instances} kind: {options.kind} profile: [ "{i}" ] }}'
+            for i in range(profiles)
+        ]
+    else:
+        groups = [f"  {{ count: {options.instances} kind: {options.kind} }}"]
+    lines += [",\n".join(groups), "]"]
+    for key, value in sorted((parameters or {}).items()):
+        lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def _onnx_record(bundle: Bundle, precision: str) -> Any:
+    records = [r for r in onnx_artifacts(bundle) if r.precision == precision]
+    if not records:
+        return None
+    declared = set(bundle.config.input_sizes)
+    records.sort(key=lambda r: (set(r.sizes) != declared, -len(r.sizes)))  # declared sizes first
+    return records[0]
+
+
+def export_triton(
+    bundle_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    options: TritonOptions = TritonOptions(),
+    *,
+    export_missing: bool = False,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write the repository; returns the model names written. Needs an ONNX model in the bundle
+    (`cotap export onnx`), or `export_missing=True` to export it first."""
+    bundle = read_bundle(bundle_dir)
+    record = _onnx_record(bundle, options.precision)
+    if record is None:
+        if not export_missing:
+            raise ValueError(
+                f"bundle {bundle.path} has no {options.precision} ONNX model; run `cotap export onnx --bundle "
+                f"{bundle.path} --precision {options.precision}` first (or pass --export-missing)"
+            )
+        from cotap.export.onnx import export_onnx
+
+        export_onnx(bundle.path, options.precision)
+        bundle = read_bundle(bundle.path)
+        record = _onnx_record(bundle, options.precision)
+    repo = Path(out)
+    name = options.name or bundle.config.name
+    if not name or "/" in name:
+        raise ValueError(f"bad model name {name!r}")
+    targets = [repo / name, repo / f"{name}_trt"]
+    if any(t.exists() for t in targets):
+        if not overwrite:
+            raise FileExistsError(f"{targets[0]} exists in {repo}; pass --overwrite to replace it")
+        for t in targets:
+            shutil.rmtree(t, ignore_errors=True)
+    cfg = bundle.config
+    params = {"cotap_bundle_sha256": bundle.sha256, "cotap_precision": record.precision}
+    written: list[str] = []
+    files: dict[str, str] = {}
+
+    model_dir = repo / name
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copyfile(bundle.file(record.file), model_dir / "1" / "model.onnx")
+    dims = io_dims(record.sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)
+    (model_dir / "config.pbtxt").write_text(
+        config_pbtxt(name, "onnxruntime_onnx", record.max_batch, dims, options, parameters=params)
+    )
+    written.append(name)
+    files[f"{name}/1/model.onnx"] = record.sha256
+
+    engines = engine_artifacts(bundle)
+    if engines:
+        trt_name = f"{name}_trt"
+        trt_dir = repo / trt_name
+        (trt_dir / "1").mkdir(parents=True)
+        by_cc: dict[str, str] = {}
+        for e in engines:
+            fn = f"{e.target}.plan"
+            shutil.copyfile(bundle.file(e.file), trt_dir / "1" / fn)
+            by_cc.setdefault(e.compute_capability, fn)
+            files[f"{trt_name}/1/{fn}"] = e.sha256
+        sizes = sorted({s for e in engines for s in e.sizes})
+        trt_dims = io_dims(sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)
+        max_batch = min(e.max_batch for e in engines)
+        (trt_dir / "config.pbtxt").write_text(
+            config_pbtxt(
+                trt_name,
+                "tensorrt_plan",
+                max_batch,
+                trt_dims,
+                options,
+                default_model_filename=next(iter(by_cc.values())),
+                cc_model_filenames=by_cc,
+                parameters={**params, "cotap_precision": engines[0].precision},
+                profiles=len(engines[0].sizes),
+            )
+        )
+        written.append(trt_name)
+    index = repo / "cotap-repository.json"
+    existing = json.loads(index.read_text()) if index.is_file() else {}
+    existing[name] = {
+        "bundle": str(bundle.path.resolve()),
+        "bundle_sha256": bundle.sha256,
+        "models": written,
+        "files": files,
+        "options": asdict(options),
+        "config_sha256": {m: sha256_file(repo / m / "config.pbtxt") for m in written},
+    }
+    index.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    return written

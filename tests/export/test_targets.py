@@ -1,0 +1,74 @@
+"""Targets files: the shipped sample loads, bad targets are refused with the target's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cotap.export.targets import TargetError, load_targets
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = """
+targets:
+  x:
+    gpu: NVIDIA T4
+    family: datacenter
+    compute_capability: "7.5"
+    tensorrt: "10.8"
+"""
+
+
+def test_shipped_targets_cover_edge_and_datacentre() -> None:
+    targets = load_targets(ROOT / "configs" / "targets.yaml")
+    gpus = " ".join(t.gpu for t in targets.values())
+    for name in ("Orin Nano", "AGX Orin", "T4", "L4", "H100"):
+        assert name in gpus
+    nano = targets["orin-nano"]
+    assert (nano.compute_capability, nano.jetpack, nano.sizes) == ("8.7", "6.1", ((224, 224),))
+    assert (nano.min_batch, nano.opt_batch, nano.max_batch, nano.workspace_mb) == (1, 2, 4, 1024)
+    assert targets["agx-orin-dla"].dla_core == 0
+    assert targets["l4-h100"].hardware_compatibility == "ampere_plus"
+    assert targets["agx-orin"].precision == "int8" and targets["t4"].sizes is None
+
+
+def test_defaults_and_batch_mapping(tmp_path: Path) -> None:
+    p = tmp_path / "t.yaml"
+    p.write_text(
+        "defaults: {workspace_mb: 100, precision: int8}\n" + BASE + "    batch: {min: 2, opt: 4, max: 8}\n"
+    )
+    t = load_targets(p)["x"]
+    assert (t.workspace_mb, t.precision, t.min_batch, t.opt_batch, t.max_batch) == (100, "int8", 2, 4, 8)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("    batch: {min: 4, opt: 2, max: 8}\n", "1 <= min <= opt <= max"),
+        ("    precision: bf16\n", "precision"),
+        ("    colour: red\n", "unknown keys \\['colour'\\]"),
+        ("    dla_core: 0\n", "dla_core is only for Jetson"),
+        ("    hardware_compatibility: ampere_plus\n", "ampere_plus needs"),  # T4 is Turing
+        ("    sizes: ['33xq']\n", "bad size"),
+        ("    workspace_mb: 0\n", "workspace_mb"),
+    ],
+)
+def test_bad_targets_are_refused(tmp_path: Path, extra: str, message: str) -> None:
+    p = tmp_path / "t.yaml"
+    p.write_text(BASE + extra)
+    with pytest.raises(TargetError, match=message) as err:
+        load_targets(p)
+    assert "'x'" in str(err.value)
+
+
+def test_malformed_files_are_refused(tmp_path: Path) -> None:
+    p = tmp_path / "t.yaml"
+    p.write_text("targets: []\n")
+    with pytest.raises(TargetError, match="non-empty 'targets'"):
+        load_targets(p)
+    p.write_text(BASE.replace('compute_capability: "7.5"', "compute_capability: seven"))
+    with pytest.raises(TargetError, match="compute capability"):
+        load_targets(p)
+    with pytest.raises(TargetError, match="not found"):
+        load_targets(tmp_path / "missing.yaml")

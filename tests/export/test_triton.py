@@ -1,0 +1,161 @@
+"""The Triton repository: config.pbtxt parses back as protobuf text format with the right dims.
+
+The parser is a subset of Triton's `ModelConfig` (model_config.proto, same field numbers) built
+from a descriptor here, so the test needs no tritonclient and rejects any field Triton lacks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
+from cotap.cli.main import main
+from cotap.core.artifacts import ENGINES_KEY, EngineArtifact
+from cotap.core.bundle import Bundle, add_files, sha256_bytes
+from cotap.export.onnx import export_onnx
+from cotap.export.triton import TritonOptions, export_triton
+
+F = descriptor_pb2.FieldDescriptorProto
+
+
+def _field(
+    msg: Any, name: str, number: int, ftype: int, label: int = F.LABEL_OPTIONAL, type_name: str = ""
+) -> None:
+    f = msg.field.add(name=name, number=number, type=ftype, label=label)
+    if type_name:
+        f.type_name = type_name
+
+
+def _map(msg: Any, name: str, number: int, value_type: int, value_type_name: str = "") -> None:
+    entry = msg.nested_type.add(name="".join(p.title() for p in name.split("_")) + "Entry")
+    entry.options.map_entry = True
+    _field(entry, "key", 1, F.TYPE_STRING)
+    _field(entry, "value", 2, value_type, type_name=value_type_name)
+    _field(msg, name, number, F.TYPE_MESSAGE, F.LABEL_REPEATED, f".inference.ModelConfig.{entry.name}")
+
+
+def model_config_class() -> Any:
+    fd = descriptor_pb2.FileDescriptorProto(
+        name="model_config_subset.proto", package="inference", syntax="proto3"
+    )
+    dt = fd.enum_type.add(name="DataType")
+    for i, n in enumerate(["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8"]):
+        dt.value.add(name=n, number=i)
+    dt.value.add(name="TYPE_FP16", number=10)
+    dt.value.add(name="TYPE_FP32", number=11)
+    dt.value.add(name="TYPE_INT64", number=8)
+
+    latest = fd.message_type.add(name="Latest")
+    _field(latest, "num_versions", 1, F.TYPE_UINT32)
+    vp = fd.message_type.add(name="ModelVersionPolicy")
+    _field(vp, "latest", 1, F.TYPE_MESSAGE, type_name=".inference.Latest")
+
+    for mname in ("ModelInput", "ModelOutput"):
+        m = fd.message_type.add(name=mname)
+        _field(m, "name", 1, F.TYPE_STRING)
+        _field(m, "data_type", 2, F.TYPE_ENUM, type_name=".inference.DataType")
+        _field(m, "dims", 4 if mname == "ModelInput" else 3, F.TYPE_INT64, F.LABEL_REPEATED)
+
+    db = fd.message_type.add(name="ModelDynamicBatching")
+    _field(db, "preferred_batch_size", 1, F.TYPE_INT32, F.LABEL_REPEATED)
+    _field(db, "max_queue_delay_microseconds", 2, F.TYPE_UINT64)
+
+    ig = fd.message_type.add(name="ModelInstanceGroup")
+    kind = ig.enum_type.add(name="Kind")
+    for i, n in enumerate(["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"]):
+        kind.value.add(name=n, number=i)
+    _field(ig, "count", 2, F.TYPE_INT32)
+    _field(ig, "kind", 4, F.TYPE_ENUM, type_name=".inference.ModelInstanceGroup.Kind")
+    _field(ig, "profile", 5, F.TYPE_STRING, F.LABEL_REPEATED)
+
+    param = fd.message_type.add(name="ModelParameter")
+    _field(param, "string_value", 1, F.TYPE_STRING)
+
+    mc = fd.message_type.add(name="ModelConfig")
+    _field(mc, "name", 1, F.TYPE_STRING)
+    _field(mc, "platform", 2, F.TYPE_STRING)
+    _field(mc, "version_policy", 3, F.TYPE_MESSAGE, type_name=".inference.ModelVersionPolicy")
+    _field(mc, "max_batch_size", 4, F.TYPE_INT32)
+    _field(mc, "input", 5, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".inference.ModelInput")
+    _field(mc, "output", 6, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".inference.ModelOutput")
+    _field(mc, "instance_group", 7, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".inference.ModelInstanceGroup")
+    _field(mc, "default_model_filename", 8, F.TYPE_STRING)
+    _map(mc, "cc_model_filenames", 9, F.TYPE_STRING)
+    _field(mc, "dynamic_batching", 11, F.TYPE_MESSAGE, type_name=".inference.ModelDynamicBatching")
+    _map(mc, "parameters", 14, F.TYPE_MESSAGE, ".inference.ModelParameter")
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+
+
+def parse(path: Path) -> Any:
+    msg = model_config_class()()
+    text_format.Parse(path.read_text(), msg)
+    return msg
+
+
+def test_onnx_repository_parses_with_right_dims(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    export_onnx(tiny_bundle.path, "fp32", sizes=[(32, 32)], max_batch=16)
+    repo = tmp_path / "repo"
+    assert export_triton(tiny_bundle.path, repo, TritonOptions(instances=2)) == ["tiny"]
+    cfg = parse(repo / "tiny" / "config.pbtxt")
+    assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
+    assert [(i.name, list(i.dims)) for i in cfg.input] == [("images", [3, 32, 32])]
+    assert {o.name: list(o.dims) for o in cfg.output} == {
+        "patch": [4, 4, 64],
+        "cls": [64],
+        "assign": [4, 4, 64],
+    }
+    assert all(o.data_type == 11 for o in [*cfg.input, *cfg.output])  # TYPE_FP32
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, 1)]  # KIND_GPU
+    assert cfg.parameters["cotap_bundle_sha256"].string_value
+    assert (repo / "tiny" / "1" / "model.onnx").is_file()
+    assert not (repo / "tiny_trt").exists()
+
+
+def test_two_sizes_and_engines_give_dynamic_dims_and_a_plan_model(
+    tiny_bundle: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)  # both declared sizes
+    plan = b"not a real plan: the repository layout is under test"
+    record = EngineArtifact(
+        file="engines/t4/model.plan",
+        target="t4",
+        precision="fp16",
+        sizes=((32, 32), (24, 40)),
+        min_batch=1,
+        opt_batch=4,
+        max_batch=8,
+        tensorrt_version="10.8.0.43",
+        gpu_name="Tesla T4",
+        compute_capability="7.5",
+        sha256=sha256_bytes(plan),
+    )
+    add_files(tiny_bundle.path, {record.file: plan}, artifacts={ENGINES_KEY: [record.to_dict()]})
+    repo = tmp_path / "repo"
+    assert (
+        main(["export", "triton", "--bundle", str(tiny_bundle.path), "--out", str(repo), "--name", "feat"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["models"] == ["feat", "feat_trt"]
+    onnx_cfg = parse(repo / "feat" / "config.pbtxt")
+    assert list(onnx_cfg.input[0].dims) == [3, -1, -1]
+    assert {o.name: list(o.dims) for o in onnx_cfg.output}["patch"] == [-1, -1, 64]
+    trt_cfg = parse(repo / "feat_trt" / "config.pbtxt")
+    assert trt_cfg.platform == "tensorrt_plan" and trt_cfg.max_batch_size == 8
+    assert dict(trt_cfg.cc_model_filenames) == {"7.5": "t4.plan"}
+    assert [list(g.profile) for g in trt_cfg.instance_group] == [["0"], ["1"]]
+    assert (repo / "feat_trt" / "1" / "t4.plan").read_bytes() == plan
+    index = json.loads((repo / "cotap-repository.json").read_text())
+    assert index["feat"]["models"] == ["feat", "feat_trt"]
+
+
+def test_missing_onnx_model_is_explained(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cotap export onnx"):
+        export_triton(tiny_bundle.path, tmp_path / "repo", TritonOptions(precision="fp16"))

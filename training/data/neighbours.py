@@ -1,0 +1,212 @@
+"""Nearest-neighbour image pairs (cotap-method.md §3.1): CLS embeddings of every image with an
+initial model, cosine top-k with the image itself at index 0, stored in an `.npz` the trainer reads.
+
+File format (`KNN_FORMAT`): `nns` int64 (N, k), row i = image i's neighbours, most similar first,
+`nns[i, 0] == i`; `meta` a JSON string: format, k, n, size, arch, checkpoint sha256, dataset
+fingerprint and spec, unreadable files. STEGO/CoTAP release files (`nns` only) load too, with
+only the shape and range checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from cotap.core.version import __version__
+from cotap.training.checkpoints import load_model
+from cotap.training.data.folders import open_dataset
+from cotap.training.data.pairs import split_item
+from cotap.training.data.views import as_chw_uint8
+from cotap.training.preprocess import preprocess_tensor
+
+KNN_FORMAT = "cotap-knn-v1"
+
+
+class KnnFileError(ValueError):
+    """A neighbour file that is malformed or does not belong to the dataset at hand."""
+
+
+class _Preprocessed(Dataset):
+    def __init__(self, dataset: Any, preprocess: PreprocessConfig) -> None:
+        self.dataset, self.preprocess = dataset, preprocess
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image, _ = split_item(self.dataset[i])
+        return preprocess_tensor(as_chw_uint8(image), self.preprocess)
+
+
+def embed_cls(
+    model: torch.nn.Module,  # a CoTAPViT, or anything with forward_features(x)["cls"]
+    dataset: Any,
+    preprocess: PreprocessConfig,
+    batch_size: int = 32,
+    progress: bool = True,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """CLS features (N, 2D) float32 on the CPU of every image of `dataset`, in order, with
+    `model.forward_features(x)["cls"]` on inputs preprocessed by `preprocess` (use a fixed size so
+    images batch)."""
+    if device is None:
+        device = next(model.parameters()).device
+    model = model.eval().to(device)
+    loader = DataLoader(
+        _Preprocessed(dataset, preprocess), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    it: Any = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc="embedding CLS", unit="batch")
+    out = []
+    with torch.inference_mode():
+        for x in it:
+            features = model.forward_features(x.to(device))  # type: ignore[operator]
+            out.append(features["cls"].float().cpu())
+    if not out:
+        raise ValueError("the dataset is empty")
+    return torch.cat(out)
+
+
+def nearest_neighbours(features: torch.Tensor | np.ndarray, k: int, chunk: int = 4096) -> np.ndarray:
+    """Cosine top-k (N, C) -> int64 (N, k), most similar first, each image itself at index 0."""
+    f = torch.as_tensor(features).float()
+    if f.dim() != 2:
+        raise ValueError(f"features must be (N, C), got {tuple(f.shape)}")
+    n = f.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of images ({n})")
+    f = F.normalize(f, dim=1)
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        sim = f[start:stop] @ f.T  # (chunk, N)
+        rows = torch.arange(stop - start)
+        sim[rows, rows + start] = float("inf")  # self first, even against exact duplicates
+        out[start:stop] = sim.topk(k, dim=1).indices.cpu().numpy()
+    return out
+
+
+def dataset_fingerprint(dataset: Any) -> str | None:
+    fn = getattr(dataset, "fingerprint", None)
+    return str(fn()) if callable(fn) else None
+
+
+def build_knn_file(
+    dataset: Any,
+    checkpoint: str | os.PathLike[str],
+    k: int = 7,
+    out: str | os.PathLike[str] | None = None,
+    size: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    arch: str | None = None,
+) -> Path:
+    """Embed every image of `dataset` (a dataset, a folder or `synthetic:N[:seed[:size]]`) with the
+    model in `checkpoint` (anything `load_model` reads), at `size` x `size` (default: the model's
+    img_size), and write the top-k neighbour file to `out` (default `nns_k{k}_{size}.npz`)."""
+    spec = None
+    if isinstance(dataset, (str, os.PathLike)):
+        spec = os.fspath(dataset)
+        dataset = open_dataset(spec)
+    loaded = load_model(checkpoint, arch=arch)
+    model = loaded.model
+    patch = model.config.patch_size
+    size = int(size or model.config.img_size)
+    if size % patch:
+        raise ValueError(f"size {size} is not a multiple of the model's patch size {patch}")
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if loaded.bundle is not None:
+        mean, std = loaded.bundle.config.preprocess.mean, loaded.bundle.config.preprocess.std
+    pre = PreprocessConfig(resize="fixed", size=(size, size), patch_size=patch, mean=mean, std=std)
+    if device is not None:
+        model = model.to(device)
+    features = embed_cls(model, dataset, pre, batch_size, progress, num_workers)
+    nns = nearest_neighbours(features, k)
+    failures = list(getattr(dataset, "failures", []) or [])
+    meta = {
+        "format": KNN_FORMAT,
+        "k": int(k),
+        "n": int(nns.shape[0]),
+        "size": size,
+        "arch": loaded.arch,
+        "checkpoint": os.fspath(checkpoint),
+        "checkpoint_sha256": loaded.source_sha256,
+        "dataset": spec,
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "failures": [list(f) for f in failures],
+        "producer": f"cotap {__version__}",
+    }
+    path = Path(out) if out is not None else Path(f"nns_k{k}_{size}.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, nns=nns, meta=np.array(json.dumps(meta)))
+    tmp.replace(path)
+    return path
+
+
+def read_knn_meta(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The `meta` of a neighbour file, or None for files without one (STEGO/CoTAP release)."""
+    with np.load(path, allow_pickle=False) as z:
+        if "meta" not in z.files:
+            return None
+        return dict(json.loads(str(z["meta"])))
+
+
+def load_knn_file(
+    path: str | os.PathLike[str],
+    expected_len: int | None = None,
+    expected_fingerprint: str | None = None,
+) -> np.ndarray:
+    """int64 (N, k) neighbour indices, checked: shape, index range, and when given the dataset length
+    and fingerprint (which must match the file's when it records one)."""
+    p = Path(path)
+    if not p.is_file():
+        raise KnnFileError(f"neighbour file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "nns" not in z.files:
+                raise KnnFileError(f"{p} has no 'nns' array (found {z.files})")
+            nns = z["nns"]
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else None
+    except KnnFileError:
+        raise
+    except Exception as e:
+        raise KnnFileError(f"{p} is not a readable .npz neighbour file: {e}") from e
+    if nns.ndim != 2 or nns.shape[0] == 0 or nns.shape[1] == 0:
+        raise KnnFileError(f"{p}: nns must be a non-empty (N, k) array, got shape {nns.shape}")
+    if not np.issubdtype(nns.dtype, np.integer):
+        raise KnnFileError(f"{p}: nns must hold integer indices, got {nns.dtype}")
+    n = nns.shape[0]
+    if nns.min() < 0 or nns.max() >= n:
+        raise KnnFileError(f"{p}: indices must lie in [0, {n}), found {nns.min()}..{nns.max()}")
+    if expected_len is not None and n != expected_len:
+        raise KnnFileError(
+            f"{p} was built for {n} images but the dataset has {expected_len}; rebuild it "
+            "(cotap train knn) for this dataset"
+        )
+    if expected_fingerprint is not None:
+        recorded = meta.get("dataset_fingerprint") if meta else None
+        if recorded is None:
+            warnings.warn(f"{p} records no dataset fingerprint; trusting that it matches", stacklevel=2)
+        elif recorded != expected_fingerprint:
+            raise KnnFileError(
+                f"{p} was built for another dataset (fingerprint {recorded[:12]}..., this dataset "
+                f"{expected_fingerprint[:12]}...): same length does not mean the same images; rebuild it"
+            )
+    return nns.astype(np.int64, copy=False)
