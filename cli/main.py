@@ -6,12 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from cotap.cli import bundle_cmd, export_cmd
+from cotap.cli import bundle_cmd, client_cmds, eval_cmd, export_cmd, serve_cmd, train_cmd
 from cotap.cli.common import CLIError
 from cotap.core.version import __version__
 
 # Each subcommand module exposes register(subparsers); order is the order of `cotap --help`.
-COMMANDS = [export_cmd, bundle_cmd]
+COMMANDS = [export_cmd, bundle_cmd, serve_cmd, train_cmd, eval_cmd, client_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:

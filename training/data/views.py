@@ -231,32 +231,6 @@ def overlap_boxes_batched(
     return relative(box_a), relative(box_b), valid
 
 
-def roi_align(
-    features: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int, int], sampling_ratio: int = 2
-) -> torch.Tensor:
-    """ROI-align (torchvision's `aligned=True` semantics) with `grid_sample`.
-
-    features (B, C, h, w); boxes (B, 4) normalised (x0, y0, x1, y1) in each map's own frame, e.g.
-    `overlap_boxes` output -> (B, C, oh, ow): each bin is the mean of sampling_ratio**2 bilinear
-    samples at the bin's regular sub-grid points."""
-    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
-    b = features.shape[0]
-    s = sampling_ratio
-    boxes = boxes.to(features.dtype)
-    # sample positions in [0, 1] along each axis: bin j, sub-sample k -> (j + (k + 0.5) / s) / n
-    ty = (torch.arange(oh * s, device=features.device, dtype=features.dtype) + 0.5) / (oh * s)
-    tx = (torch.arange(ow * s, device=features.device, dtype=features.dtype) + 0.5) / (ow * s)
-    ys = boxes[:, 1:2] + ty[None] * (boxes[:, 3:4] - boxes[:, 1:2])  # (B, oh*s)
-    xs = boxes[:, 0:1] + tx[None] * (boxes[:, 2:3] - boxes[:, 0:1])  # (B, ow*s)
-    grid = torch.stack(
-        [xs[:, None, :].expand(b, oh * s, ow * s), ys[:, :, None].expand(b, oh * s, ow * s)], dim=-1
-    )
-    sampled = F.grid_sample(
-        features, grid * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    return F.avg_pool2d(sampled, s) if s > 1 else sampled
-
-
 # -- photometric augmentation (float images in [0, 1], (..., 3, H, W)) --------------------------------
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) -> (..., 1, H, W) luma with torchvision's weights."""

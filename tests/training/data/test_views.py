@@ -24,7 +24,6 @@ from cotap.training.data.views import (
     overlap_boxes,
     overlap_boxes_batched,
     rgb_to_hsv,
-    roi_align,
     sample_crops,
 )
 
@@ -222,21 +221,6 @@ def test_overlap_boxes_in_each_crops_frame() -> None:
             assert (single is not None) == bool(valid[i, j])
             if single is not None:
                 assert torch.allclose(single[0], ba[i, j]) and torch.allclose(single[1], bb[i, j])
-
-
-def test_roi_align_of_a_linear_map_samples_bin_centres() -> None:
-    h, w = 12, 16
-    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    feat = torch.stack([xs / w, ys / h])[None].expand(2, 2, h, w)  # channel 0 = x, 1 = y (normalised)
-    boxes = torch.tensor([[0.25, 0.25, 0.75, 0.75], [0.1, 0.3, 0.6, 0.7]])
-    out = roi_align(feat, boxes, 4)
-    assert out.shape == (2, 2, 4, 4)
-    for b in range(2):
-        x0, y0, x1, y1 = boxes[b].tolist()
-        for i in range(4):
-            for j in range(4):
-                assert out[b, 0, i, j].item() == pytest.approx(x0 + (j + 0.5) / 4 * (x1 - x0), abs=1e-5)
-                assert out[b, 1, i, j].item() == pytest.approx(y0 + (i + 0.5) / 4 * (y1 - y0), abs=1e-5)
 
 
 def test_views_reject_bad_configs() -> None:

@@ -1,0 +1,194 @@
+"""`cotap eval PROTOCOL`: score a model's frozen dense features (linear probe, Hummingbird
+retrieval, overclustering, correspondence PCK, CLS kNN) and optionally draw a visual report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cotap.cli.common import CLIError, parse_size, require
+
+PROTOCOL_HELP = (
+    "linear | retrieval | overcluster | correspondence | knn | all, or a comma list such as linear,knn"
+)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate frozen dense features (linear, retrieval, overcluster, correspondence, knn)",
+        description="Evaluate a bundle or checkpoint on frozen features. Data specs: "
+        "synthetic:N[:seed[:size]]; a folder with images/ + masks/; a VOC root (optionally ROOT@SPLIT_LIST); "
+        "images=DIR,masks=DIR[,split=FILE][,classes=N]; a folder with one image subfolder per class (knn). "
+        "See docs/evaluation.md.",
+    )
+    p.add_argument("protocol", help=PROTOCOL_HELP)
+    p.add_argument(
+        "--model", required=True, help="bundle directory or checkpoint (cotap, official CoTAP, DINO)"
+    )
+    p.add_argument("--arch", help="registry name, if it cannot be inferred from the checkpoint")
+    p.add_argument("--which", choices=["student", "teacher"], help="for checkpoints holding both")
+    p.add_argument(
+        "--data", required=True, help="train data spec (the only data for overcluster/correspondence)"
+    )
+    p.add_argument("--val-data", help="val data spec; without it, --data is split (see --val-fraction)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.2, help="val share when splitting --data (default 0.2)"
+    )
+    p.add_argument(
+        "--size", type=parse_size, help="model input size, 128 or HxW (default: the first image's size)"
+    )
+    p.add_argument(
+        "--mask-size", type=parse_size, help="resolution masks are scored at (default: the input size)"
+    )
+    p.add_argument("--num-classes", type=int, help="number of mask classes, if the data cannot tell")
+    p.add_argument("--seed", type=int, default=0, help="seed of every protocol (default 0)")
+    p.add_argument("--seeds", type=_ints, help="run each protocol once per seed, e.g. 0,1,2: mean and std")
+    p.add_argument("--config", help="YAML or JSON file of EvalConfig fields (flags given here override it)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    p.add_argument("--samples", type=int, help="linear: training budget in image samples (default 4000)")
+    p.add_argument("--lr", type=float, help="linear: Adam learning rate (default 1e-2)")
+    p.add_argument("--k", type=int, help="retrieval: neighbours (default 30)")
+    p.add_argument("--temperature", type=float, help="retrieval: softmax temperature (default 0.02)")
+    p.add_argument("--memory-size", type=int, help="retrieval: memory bank patches (default 102400)")
+    p.add_argument(
+        "--clusters", type=_ints, help="overcluster: K values, e.g. 21,100 (default: the class count)"
+    )
+    p.add_argument("--pairs", type=int, help="correspondence: number of val images to warp (default all)")
+    p.add_argument("--knn-k", type=_ints, help="knn: k values (default 10,20)")
+    p.add_argument("--report", help="write PNG figures and index.html here")
+    p.add_argument("--json", help="write the full results (metrics, resolved config, timings) here")
+    p.add_argument("--cache", help="cache extracted features in this folder and reuse them")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_eval)
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        yaml = require("yaml", "train")
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a mapping of EvalConfig fields")
+    return data.get("eval", data)
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from cotap.training.eval import EvalConfig, config_from_dict
+
+    cfg = config_from_dict(_load_config_file(args.config)) if args.config else EvalConfig()
+    f = cfg.features
+    f = replace(
+        f,
+        size=args.size or f.size,
+        mask_size=args.mask_size or f.mask_size,
+        batch_size=args.batch_size or f.batch_size,
+        progress=not args.quiet and f.progress,
+    )
+    lin = replace(cfg.linear, samples=args.samples or cfg.linear.samples, lr=args.lr or cfg.linear.lr)
+    ret = replace(
+        cfg.retrieval,
+        k=args.k or cfg.retrieval.k,
+        temperature=args.temperature or cfg.retrieval.temperature,
+        memory_size=args.memory_size or cfg.retrieval.memory_size,
+    )
+    oc = replace(
+        cfg.overcluster, clusters=tuple(args.clusters) if args.clusters else cfg.overcluster.clusters
+    )
+    corr = replace(
+        cfg.correspondence, pairs=args.pairs if args.pairs is not None else cfg.correspondence.pairs
+    )
+    knn = replace(cfg.knn, ks=tuple(args.knn_k) if args.knn_k else cfg.knn.ks)
+    cfg = replace(cfg, features=f, linear=lin, retrieval=ret, overcluster=oc, correspondence=corr, knn=knn)
+    return cfg.with_seed(args.seed)
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers per protocol (per-class detail stays in --json)."""
+    out: dict[str, Any] = {}
+    for name, res in results["results"].items():
+        m = res["metrics"]
+        if name == "overcluster":
+            head = {k: v["miou"] for k, v in m["per_k"].items()}
+        elif name == "correspondence":
+            head = {k: v for k, v in m.items() if k.startswith(("pck", "mutual"))}
+        elif name == "knn":
+            head = {k: v for k, v in m.items() if k.startswith("top")}
+        else:
+            head = {"miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"]}
+        if "std" in res:
+            std = res["std"]
+            if name == "overcluster":
+                head |= {f"{k}_std": v["miou"] for k, v in std["per_k"].items()}
+            else:
+                head |= {f"{k}_std": std[k] for k in list(head) if k in std}
+        out[name] = head
+    return out
+
+
+def _eval(args: argparse.Namespace) -> int:
+    require("torch", "train")
+    import torch
+
+    from cotap.core.bundle import BundleError
+    from cotap.training.checkpoints import CheckpointError, load_model
+    from cotap.training.eval import FrozenModel, evaluate, open_eval_data, split
+    from cotap.training.eval.protocols import NEEDS_TRAIN, parse_protocols
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        protocols = parse_protocols(args.protocol)
+        config = _build_config(args)
+        train = open_eval_data(args.data, args.num_classes)
+        if args.val_data:
+            val = open_eval_data(args.val_data, args.num_classes)
+        elif any(p in NEEDS_TRAIN for p in protocols):
+            train, val = split(train, args.val_fraction, args.seed)
+        else:
+            train, val = None, train
+        loaded = load_model(args.model, arch=args.arch, which=args.which)
+        model = FrozenModel.from_loaded(loaded, device=args.device)
+        results = evaluate(
+            protocols,
+            model,
+            train,
+            val,
+            config,
+            seeds=args.seeds,
+            num_classes=args.num_classes,
+            cache_dir=args.cache,
+            report_dir=args.report,
+        )
+    except (CheckpointError, BundleError, ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    results["command"] = ["cotap", "eval", *sys.argv[2:]] if sys.argv[1:2] == ["eval"] else None
+    if args.report:  # the report's copy gains the command line too
+        (Path(args.report) / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    summary: dict[str, Any] = {"model": results["model"].get("name"), "metrics": _summary(results)}
+    summary["time_s"] = round(results["timing_s"]["total"], 1)
+    if args.report:
+        summary["report"] = results.get("report")
+    if args.json:
+        summary["json"] = args.json
+    print(json.dumps(summary, indent=2))
+    return 0

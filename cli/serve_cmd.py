@@ -1,0 +1,92 @@
+"""`cotap serve`: run the inference server. Every flag mirrors a server setting (environment
+variable `COTAP_<NAME>`); flags win over the environment. With no `--model` it serves the embedded
+default (an untrained placeholder until a trained one replaces it)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from cotap.cli.common import CLIError, require
+
+# (setting, flag type, help). A test checks this table against cotap.server.settings.Settings.
+FLAGS: list[tuple[str, Any, str]] = [
+    ("host", str, "address to listen on (default 127.0.0.1; 0.0.0.0 in containers)"),
+    ("port", int, "TCP port (default 8000)"),
+    ("backend", str, "auto | torch | onnxruntime | tensorrt (default auto)"),
+    ("device", str, "auto | cpu | cuda | cuda:N (default auto)"),
+    ("precision", str, "auto | fp32 | fp16 | bf16 | int8 (default auto: fp16 on CUDA, fp32 on CPU)"),
+    ("warmup", bool, "warm every input size before reporting ready (default on)"),
+    ("api_key", str, "require 'Authorization: Bearer KEY' on every route but /health"),
+    ("cors_origins", str, "comma-separated origins allowed by CORS ('*' for any)"),
+    ("max_body_bytes", int, "largest request body (default 32 MiB)"),
+    ("max_images_per_request", int, "images per request; a pair counts two (default 64)"),
+    ("max_pixels", int, "largest declared image size in pixels (default 40,000,000)"),
+    ("min_side", int, "smallest accepted shorter image side (default 16)"),
+    ("max_parts", int, "multipart parts per request (default 130)"),
+    ("max_json_depth", int, "nesting depth of JSON bodies (default 8)"),
+    ("max_json_bytes", int, "largest JSON answer; beyond, ask for safetensors (default 16 MiB)"),
+    ("max_dense_elements", int, "largest dense similarity answer, in values (default 4 Mi)"),
+    ("max_batch", int, "largest inference batch in images (default 32)"),
+    ("max_queue", int, "images waiting at most before 429 (default 256)"),
+    ("max_queue_delay_ms", float, "how long a batch waits to fill (default 3)"),
+    ("deadline_ms", int, "per-request deadline before 504 (default 30000)"),
+    ("retry_after_s", int, "Retry-After seconds sent with 429/503 (default 1)"),
+    ("worker_threads", int, "inference worker threads (default 1)"),
+    ("decode_threads", int, "image decoding threads (default 2)"),
+    ("intra_op_threads", int, "threads inside one forward; 0 = library default"),
+    ("drain_timeout_s", float, "on SIGTERM, wait this long for in-flight requests (default 30)"),
+    ("log_level", str, "debug | info | warning | error (default info)"),
+]
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve bundles over HTTP (patch embeddings, prototypes, correspondences)",
+        description="Run the batching HTTP server. Each flag also reads from COTAP_<NAME> "
+        "(e.g. COTAP_MAX_BATCH); flags win. With no --model, the embedded default model is served.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME=PATH",
+        help="bundle to serve (repeatable; NAME= optional, the first is the default)",
+    )
+    for setting, kind, text in FLAGS:
+        if kind is bool:
+            p.add_argument(flag_name(setting), dest=setting, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            p.add_argument(flag_name(setting), dest=setting, type=kind, help=text)
+    p.set_defaults(func=_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The server Settings: environment first, then the flags given on the command line."""
+    require("fastapi", "serve")
+    require("uvicorn", "serve")
+    from pydantic import ValidationError
+
+    from cotap.server.settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{flag_name(str(err['loc'][0])) if err['loc'] else ''}: {err['msg']}" for err in e.errors()
+        )
+        raise CLIError(f"bad server settings: {problems}") from e
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    from cotap.server.runner import serve
+
+    return serve(settings)

@@ -1,0 +1,109 @@
+"""`cotap train`: train a CoTAP backbone from a YAML config, and `cotap train knn`: the
+nearest-neighbour pair file the trainer reads.
+
+    cotap train --config configs/synthetic-tiny.yaml --out runs/tiny [key=value ...]
+    cotap train --config configs/synthetic-tiny.yaml --out runs/tiny --resume
+    torchrun --nproc_per_node 4 -m cotap.cli.main train --config configs/cotap-vits16-coco.yaml --out runs/coco
+    cotap train knn --data DIR --checkpoint INIT --k 7 --out nns.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cotap.cli.common import CLIError, require
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a CoTAP backbone (or `train knn`: build the nearest-neighbour pair file)",
+        description="Train: cotap train --config FILE --out DIR [--resume] [key=value ...] (overrides after the "
+        "options, e.g. optim.lr=1e-4 data.batch_size=16). Under torchrun every rank runs the same command. "
+        "Neighbours: cotap train knn --data DIR|synthetic:N --checkpoint INIT --k 7 --out FILE.",
+    )
+    p.add_argument(
+        "words", nargs="*", metavar="key=value", help="config overrides (or `knn` for the knn command)"
+    )
+    p.add_argument(
+        "--config",
+        help="YAML config (see configs/); defaults fill what it omits. With --resume and no --config: the run's config.yaml",
+    )
+    p.add_argument("--out", help="run directory (train) or neighbour file (knn)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stop-at", type=int, help="stop after this step (checkpointed; resume later)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    knn = p.add_argument_group("knn")
+    knn.add_argument("--data", help="knn: image folder or synthetic:N[:seed[:size]]")
+    knn.add_argument("--checkpoint", help="knn: the model that embeds the CLS tokens (the initial model)")
+    knn.add_argument("--k", type=int, default=7, help="knn: neighbours kept per image, self first")
+    knn.add_argument("--size", type=int, help="knn: centre-crop side (default: the model's)")
+    knn.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.words and args.words[0] == "knn":
+        return _knn(args)
+    require("torch", "train")
+    require("yaml", "train")
+    from cotap.training.config import ConfigError, dump_config, load_config
+
+    bad = [w for w in args.words if "=" not in w]
+    if bad:
+        raise CLIError(f"overrides must be key=value, got {' '.join(bad)}")
+    config_path = args.config
+    if config_path is None and args.resume and args.out:
+        saved = Path(args.out) / "config.yaml"
+        config_path = str(saved) if saved.is_file() else None  # resume with the run's own config
+    try:
+        config = load_config(config_path, args.words)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return 0
+    if not args.out:
+        raise CLIError("--out DIR is required (the run directory)")
+
+    from cotap.training.checkpoints import CheckpointError
+    from cotap.training.trainer import TrainError, train
+
+    try:
+        result = train(config, args.out, resume=args.resume, stop_at=args.stop_at)
+    except (TrainError, CheckpointError, ConfigError) as e:
+        raise CLIError(str(e)) from e
+    summary = {
+        "run_dir": str(result.run_dir),
+        "step": result.step,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "bundle": str(result.bundle) if result.bundle else None,
+        "plot": str(result.plot) if result.plot else None,
+        "steps_per_s": round(result.steps_per_s, 4),
+        "last": {k: round(v, 5) for k, v in result.last_metrics.items() if k.startswith("loss")},
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _knn(args: argparse.Namespace) -> int:
+    if len(args.words) > 1:
+        raise CLIError(f"unexpected arguments after knn: {' '.join(args.words[1:])}")
+    missing = [f"--{n}" for n in ("data", "checkpoint", "out") if not getattr(args, n)]
+    if missing:
+        raise CLIError(f"cotap train knn needs {', '.join(missing)}")
+    require("torch", "train")
+    from cotap.training.checkpoints import CheckpointError
+    from cotap.training.data.neighbours import build_knn_file
+
+    try:
+        path = build_knn_file(
+            args.data, args.checkpoint, k=args.k, out=args.out, size=args.size, batch_size=args.batch_size
+        )
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    print(json.dumps({"knn": str(path), "k": args.k}))
+    return 0

@@ -1,0 +1,301 @@
+"""`AsyncClient`: the asyncio twin of `Client`, on one `httpx.AsyncClient` (a keep-alive pool).
+
+Share one `AsyncClient` between the tasks of one event loop (not between loops or threads). Its
+shared state is the connection pool, the cached `/v1/models` answer (refreshed under an
+`asyncio.Lock`) and the statistics. Encoding images (file reads, PNG encoding) runs in a worker
+thread so the event loop stays free; the chunks of a large call are sent `max_in_flight` at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from cotap.client import protocol
+from cotap.client.base import (
+    CallPlan,
+    ClientStats,
+    ImageFormat,
+    Item,
+    Outputs,
+    StatsCounter,
+    Transport,
+    correspond_plan,
+    default_headers,
+    embed_plan,
+    encode_all,
+    health_from,
+    make_timeout,
+    pair_inputs,
+    prototypes_plan,
+    resolve_api_key,
+    resolve_url,
+)
+from cotap.client.errors import ImageTooLarge, NotFound, PayloadTooLarge
+from cotap.client.info import Health, ServerInfo
+from cotap.client.inputs import ImageInput, as_list
+from cotap.client.results import (
+    Correspondence,
+    CorrespondenceBatch,
+    EmbedBatch,
+    Embedding,
+    Prototypes,
+    PrototypesBatch,
+)
+from cotap.client.retry import Attempts, RetryPolicy
+
+
+class AsyncClient:
+    """`Client` for asyncio: the same calls, awaited.
+
+    >>> async with AsyncClient() as client:
+    ...     batch = await client.embed(["a.jpg", "b.jpg"])
+
+    Arguments as for `Client`.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = 60.0,
+        retry: RetryPolicy | None = None,
+        max_in_flight: int = 4,
+        images_per_request: int | None = None,
+        image_format: ImageFormat = "PNG",
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.url = resolve_url(url)
+        self.model = model
+        self.max_in_flight = max_in_flight
+        self.images_per_request = images_per_request
+        self.image_format: ImageFormat = image_format
+        self._stats = StatsCounter()
+        self._transport = Transport(retry or RetryPolicy(), self._stats)
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers=default_headers(resolve_api_key(api_key), headers),
+            timeout=make_timeout(timeout),
+            limits=httpx.Limits(max_connections=max(16, 2 * max_in_flight), max_keepalive_connections=16),
+            transport=transport,
+        )
+        self._info: ServerInfo | None = None
+        self._info_lock = asyncio.Lock()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.url!r}, model={self.model!r})"
+
+    @property
+    def stats(self) -> ClientStats:
+        return self._stats.snapshot()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        files: protocol.Files | None = None,
+        item_offset: int = 0,
+    ) -> httpx.Response:
+        t = self._transport
+        attempts = Attempts(t.retry)
+        headers = protocol.ACCEPT if files is not None else None
+        while True:
+            t.stats.add(requests=1)
+            try:
+                response = await self._http.request(method, path, params=params, files=files, headers=headers)
+            except httpx.TransportError as e:
+                if isinstance(e, httpx.TimeoutException):
+                    t.stats.add(errors=1)
+                    raise t.failure(e, self.url) from e
+                wait = t.should_retry(attempts, None)
+                if wait is None:
+                    t.stats.add(errors=1)
+                    raise t.failure(e, self.url) from e
+                await asyncio.sleep(wait)
+                continue
+            wait = t.should_retry(attempts, response)
+            if wait is None:
+                return t.check(response, item_offset)
+            await response.aclose()
+            await asyncio.sleep(wait)
+
+    async def models(self, refresh: bool = False) -> ServerInfo:
+        """`GET /v1/models` (cached; `refresh=True` asks again)."""
+        async with self._info_lock:
+            if self._info is None or refresh:
+                try:
+                    response = await self._send("GET", protocol.MODELS)
+                    self._info = ServerInfo.from_dict(response.json())
+                except NotFound:
+                    self._info = ServerInfo.from_dict({})
+            return self._info
+
+    async def health(self) -> Health:
+        try:
+            live = (await self._http.get(protocol.LIVE)).status_code == 200
+            ready = await self._http.get(protocol.READY)
+        except httpx.TransportError as e:
+            return Health(live=False, ready=False, status="unreachable", error=f"{type(e).__name__}: {e}")
+        return health_from(live, ready)
+
+    async def _post(self, plan: CallPlan, chunk: range) -> list[Any]:
+        items: list[Item] = plan.items[chunk.start : chunk.stop]
+        try:
+            response = await self._send(
+                "POST", plan.path, params=plan.params, files=plan.files(items), item_offset=chunk.start
+            )
+        except PayloadTooLarge as e:
+            if len(chunk) < 2 or isinstance(e, ImageTooLarge):
+                raise
+            await self.models(refresh=True)
+            mid = chunk.start + len(chunk) // 2
+            first = await self._post(plan, range(chunk.start, mid))
+            return first + await self._post(plan, range(mid, chunk.stop))
+        return plan.parse(protocol.decode(response.content, response.headers), len(items))
+
+    async def _run(self, plan: CallPlan) -> list[Any]:
+        chunks = plan.chunks(await self.models(), self.images_per_request)
+        if len(chunks) == 1:
+            return await self._post(plan, chunks[0])
+        window = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(chunk: range) -> list[Any]:
+            async with window:
+                return await self._post(plan, chunk)
+
+        parts = await asyncio.gather(*(one(c) for c in chunks))
+        return [r for part in parts for r in part]
+
+    @overload
+    async def embed(
+        self,
+        images: str | Path | bytes | Image.Image | np.ndarray,
+        *,
+        outputs: Outputs = ...,
+        normalize: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> Embedding: ...
+    @overload
+    async def embed(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        outputs: Outputs = ...,
+        normalize: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> EmbedBatch: ...
+    async def embed(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        outputs: Outputs = ("patch", "cls"),
+        normalize: bool = False,
+        dtype: str | None = None,
+        model: str | None = None,
+    ) -> Embedding | EmbedBatch:
+        """As `Client.embed`."""
+        items, single = as_list(images)
+        encoded = await asyncio.to_thread(encode_all, items, self.image_format)
+        results = await self._run(embed_plan(encoded, outputs, normalize, dtype, model or self.model))
+        return results[0] if single else EmbedBatch(results)
+
+    @overload
+    async def prototypes(
+        self,
+        images: str | Path | bytes | Image.Image | np.ndarray,
+        *,
+        top_k: int | None = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> Prototypes: ...
+    @overload
+    async def prototypes(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        top_k: int | None = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> PrototypesBatch: ...
+    async def prototypes(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int | None = None,
+        dtype: str | None = None,
+        model: str | None = None,
+    ) -> Prototypes | PrototypesBatch:
+        """As `Client.prototypes`."""
+        items, single = as_list(images)
+        encoded = await asyncio.to_thread(encode_all, items, self.image_format)
+        results = await self._run(prototypes_plan(encoded, top_k, dtype, model or self.model))
+        return results[0] if single else PrototypesBatch(results)
+
+    @overload
+    async def correspond(
+        self,
+        source: str | Path | bytes | Image.Image | np.ndarray,
+        target: str | Path | bytes | Image.Image | np.ndarray,
+        *,
+        top_k: int = ...,
+        mutual_only: bool = ...,
+        dense: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> Correspondence: ...
+    @overload
+    async def correspond(
+        self,
+        source: Sequence[ImageInput],
+        target: Sequence[ImageInput],
+        *,
+        top_k: int = ...,
+        mutual_only: bool = ...,
+        dense: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> CorrespondenceBatch: ...
+    async def correspond(
+        self,
+        source: ImageInput | Sequence[ImageInput],
+        target: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int = 1,
+        mutual_only: bool = False,
+        dense: bool = False,
+        dtype: str | None = None,
+        model: str | None = None,
+    ) -> Correspondence | CorrespondenceBatch:
+        """As `Client.correspond`."""
+        sources, targets, single = pair_inputs(source, target)
+        encoded_s = await asyncio.to_thread(encode_all, sources, self.image_format)
+        encoded_t = await asyncio.to_thread(encode_all, targets, self.image_format)
+        pairs = list(zip(encoded_s, encoded_t, strict=True))
+        info = await self.models()
+        plan = correspond_plan(pairs, top_k, mutual_only, dense, dtype, model or self.model, info)
+        results = await self._run(plan)
+        return results[0] if single else CorrespondenceBatch(results)

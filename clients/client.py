@@ -1,0 +1,349 @@
+"""`Client`: the synchronous SDK. One `httpx.Client` (a keep-alive connection pool) per `Client`.
+
+Thread safety: a `Client` may be shared by any number of threads. What they share is the
+connection pool (httpx's is thread-safe), the cached `/v1/models` answer (read and refreshed under
+a lock), the statistics (locked counters) and a small thread pool that sends the chunks of one
+large call side by side (`max_in_flight`). Nothing else is mutable, and no call depends on another.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from cotap.client import protocol
+from cotap.client.base import (
+    CallPlan,
+    ClientStats,
+    ImageFormat,
+    Item,
+    Outputs,
+    StatsCounter,
+    Transport,
+    correspond_plan,
+    default_headers,
+    embed_plan,
+    encode_all,
+    health_from,
+    make_timeout,
+    pair_inputs,
+    prototypes_plan,
+    resolve_api_key,
+    resolve_url,
+)
+from cotap.client.errors import ImageTooLarge, NotFound, PayloadTooLarge
+from cotap.client.info import Health, ServerInfo
+from cotap.client.inputs import ImageInput, as_list
+from cotap.client.results import (
+    Correspondence,
+    CorrespondenceBatch,
+    EmbedBatch,
+    Embedding,
+    Prototypes,
+    PrototypesBatch,
+)
+from cotap.client.retry import Attempts, RetryPolicy
+
+if TYPE_CHECKING:
+    from cotap.client.folder import FolderReport
+
+
+class Client:
+    """Patch embeddings, prototype maps and correspondences from a cotap server, as NumPy arrays.
+
+    >>> with Client("http://127.0.0.1:8000") as client:
+    ...     e = client.embed("photo.jpg")          # Embedding: e.patch (h, w, C), e.cls (C,)
+    ...     batch = client.embed(["a.jpg", "b.jpg"])  # EmbedBatch: batch.patch (2, h, w, C)
+
+    - `url`: the server (default $COTAP_URL, else http://127.0.0.1:8000); `api_key`: sent as a
+      Bearer token (default $COTAP_API_KEY); `model`: the served model to ask (default: the
+      server's default).
+    - `timeout`: seconds per request (connect at most 10 s); `retry`: backoff on 429/503 and on
+      connections that fail (`RetryPolicy()`: up to 10 tries, full jitter, Retry-After honoured).
+    - `max_in_flight`: requests one call sends at once when it is split into several.
+    - `images_per_request`: a cap of your own on top of the server's limits.
+    - `image_format`: how in-memory images (PIL, NumPy) are encoded: PNG (lossless, default) or JPEG.
+    - `transport`: an httpx transport (proxies, tests).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = 60.0,
+        retry: RetryPolicy | None = None,
+        max_in_flight: int = 4,
+        images_per_request: int | None = None,
+        image_format: ImageFormat = "PNG",
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.url = resolve_url(url)
+        self.model = model
+        self.max_in_flight = max_in_flight
+        self.images_per_request = images_per_request
+        self.image_format: ImageFormat = image_format
+        self._stats = StatsCounter()
+        self._transport = Transport(retry or RetryPolicy(), self._stats)
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=default_headers(resolve_api_key(api_key), headers),
+            timeout=make_timeout(timeout),
+            limits=httpx.Limits(max_connections=max(16, 2 * max_in_flight), max_keepalive_connections=16),
+            transport=transport,
+        )
+        self._info: ServerInfo | None = None
+        self._info_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connections and the chunk thread pool."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r}, model={self.model!r})"
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of this client's counters (requests, retries, errors)."""
+        return self._stats.snapshot()
+
+    # -- transport ------------------------------------------------------------------------------
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        files: protocol.Files | None = None,
+        item_offset: int = 0,
+    ) -> httpx.Response:
+        """One request, retried on 429/503 and failed connections; errors raised as CotapError."""
+        t = self._transport
+        attempts = Attempts(t.retry)
+        headers = protocol.ACCEPT if files is not None else None
+        while True:
+            t.stats.add(requests=1)
+            try:
+                response = self._http.request(method, path, params=params, files=files, headers=headers)
+            except httpx.TransportError as e:
+                if isinstance(e, httpx.TimeoutException):
+                    t.stats.add(errors=1)
+                    raise t.failure(e, self.url) from e
+                wait = t.should_retry(attempts, None)
+                if wait is None:
+                    t.stats.add(errors=1)
+                    raise t.failure(e, self.url) from e
+                time.sleep(wait)
+                continue
+            wait = t.should_retry(attempts, response)
+            if wait is None:
+                return t.check(response, item_offset)
+            response.close()
+            time.sleep(wait)
+
+    # -- server information ---------------------------------------------------------------------
+    def models(self, refresh: bool = False) -> ServerInfo:
+        """`GET /v1/models`: served models and limits (cached; `refresh=True` asks again)."""
+        with self._info_lock:
+            if self._info is None or refresh:
+                try:
+                    self._info = ServerInfo.from_dict(self._send("GET", protocol.MODELS).json())
+                except NotFound:  # a server without /v1/models: assume the default limits
+                    self._info = ServerInfo.from_dict({})
+            return self._info
+
+    def health(self) -> Health:
+        """`/health/live` and `/health/ready`, asked once each (no retries: this reports state)."""
+        try:
+            live = self._http.get(protocol.LIVE).status_code == 200
+            ready = self._http.get(protocol.READY)
+        except httpx.TransportError as e:
+            return Health(live=False, ready=False, status="unreachable", error=f"{type(e).__name__}: {e}")
+        return health_from(live, ready)
+
+    # -- calls ----------------------------------------------------------------------------------
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="cotap-client")
+            return self._pool
+
+    def _post(self, plan: CallPlan, chunk: range) -> list[Any]:
+        """Results of one chunk; a chunk refused as too large (limits changed under us) is split."""
+        items: list[Item] = plan.items[chunk.start : chunk.stop]
+        try:
+            response = self._send(
+                "POST", plan.path, params=plan.params, files=plan.files(items), item_offset=chunk.start
+            )
+        except PayloadTooLarge as e:
+            if len(chunk) < 2 or isinstance(e, ImageTooLarge):
+                raise
+            self.models(refresh=True)
+            mid = chunk.start + len(chunk) // 2
+            return self._post(plan, range(chunk.start, mid)) + self._post(plan, range(mid, chunk.stop))
+        return plan.parse(protocol.decode(response.content, response.headers), len(items))
+
+    def _run(self, plan: CallPlan) -> list[Any]:
+        """Every chunk of the plan, up to `max_in_flight` at once; results in input order."""
+        chunks = plan.chunks(self.models(), self.images_per_request)
+        if len(chunks) == 1:
+            return self._post(plan, chunks[0])
+        futures = [self._executor().submit(self._post, plan, c) for c in chunks]
+        out: list[Any] = []
+        try:
+            for f in futures:
+                out += f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return out
+
+    @overload
+    def embed(
+        self,
+        images: str | Path | bytes | Image.Image | np.ndarray,
+        *,
+        outputs: Outputs = ...,
+        normalize: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> Embedding: ...
+    @overload
+    def embed(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        outputs: Outputs = ...,
+        normalize: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> EmbedBatch: ...
+    def embed(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        outputs: Outputs = ("patch", "cls"),
+        normalize: bool = False,
+        dtype: str | None = None,
+        model: str | None = None,
+    ) -> Embedding | EmbedBatch:
+        """Patch embeddings (h, w, C) and cls embeddings (C,) of one image (-> `Embedding`) or of a
+        sequence of them (-> `EmbedBatch`, in order). `normalize`: L2-normalised; `dtype`: float16
+        (default) or float32; `outputs`: ("patch",), ("cls",) or both."""
+        items, single = as_list(images)
+        encoded = encode_all(items, self.image_format)
+        results = self._run(embed_plan(encoded, outputs, normalize, dtype, model or self.model))
+        return results[0] if single else EmbedBatch(results)
+
+    @overload
+    def prototypes(
+        self,
+        images: str | Path | bytes | Image.Image | np.ndarray,
+        *,
+        top_k: int | None = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> Prototypes: ...
+    @overload
+    def prototypes(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        top_k: int | None = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> PrototypesBatch: ...
+    def prototypes(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int | None = None,
+        dtype: str | None = None,
+        model: str | None = None,
+    ) -> Prototypes | PrototypesBatch:
+        """Per-patch prototype ids (h, w) and probabilities: all M (h, w, M) by default, or the
+        `top_k` largest (h, w, k) with their ids."""
+        items, single = as_list(images)
+        encoded = encode_all(items, self.image_format)
+        results = self._run(prototypes_plan(encoded, top_k, dtype, model or self.model))
+        return results[0] if single else PrototypesBatch(results)
+
+    @overload
+    def correspond(
+        self,
+        source: str | Path | bytes | Image.Image | np.ndarray,
+        target: str | Path | bytes | Image.Image | np.ndarray,
+        *,
+        top_k: int = ...,
+        mutual_only: bool = ...,
+        dense: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> Correspondence: ...
+    @overload
+    def correspond(
+        self,
+        source: Sequence[ImageInput],
+        target: Sequence[ImageInput],
+        *,
+        top_k: int = ...,
+        mutual_only: bool = ...,
+        dense: bool = ...,
+        dtype: str | None = ...,
+        model: str | None = ...,
+    ) -> CorrespondenceBatch: ...
+    def correspond(
+        self,
+        source: ImageInput | Sequence[ImageInput],
+        target: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int = 1,
+        mutual_only: bool = False,
+        dense: bool = False,
+        dtype: str | None = None,
+        model: str | None = None,
+    ) -> Correspondence | CorrespondenceBatch:
+        """For every patch of `source` its best match in `target` (one pair -> `Correspondence`;
+        two equally long sequences, paired in order -> `CorrespondenceBatch`). `top_k` > 1 adds
+        the k best; `dense` adds the full similarity (split so each request stays under the
+        server's `max_dense_elements`); `mutual_only` keeps mutual matches only."""
+        sources, targets, single = pair_inputs(source, target)
+        pairs = list(
+            zip(encode_all(sources, self.image_format), encode_all(targets, self.image_format), strict=True)
+        )
+        info = self.models()
+        plan = correspond_plan(pairs, top_k, mutual_only, dense, dtype, model or self.model, info)
+        results = self._run(plan)
+        return results[0] if single else CorrespondenceBatch(results)
+
+    # -- folders --------------------------------------------------------------------------------
+    def embed_folder(self, src: str | Path, dst: str | Path, **options: Any) -> FolderReport:
+        """Embed every image under `src` into `dst`, resumably; see `cotap.client.folder.embed_folder`
+        for the options (shard_size, concurrency, images_per_request, outputs, normalize, ...)."""
+        from cotap.client.folder import embed_folder
+
+        return embed_folder(self, src, dst, **options)

@@ -1,0 +1,229 @@
+"""Features on disk, as `embed_folder` writes them and `read_features` reads them back.
+
+Two layouts, both plain safetensors (no pickle), each file written atomically (a temporary file
+in the same folder, then a rename), so a crash or Ctrl-C never leaves a half-written file that
+counts as done:
+
+- one file per image: `DST/<path of the image under SRC>.safetensors` (`photos/cat.jpg` ->
+  `photos/cat.jpg.safetensors`), holding `patch` (h, w, C) and/or `cls` (C,); metadata names the
+  source path, model, bundle hash, grid and sizes. Done = the file exists.
+- shards: `DST/shard-00000.safetensors`, ... holding up to N images each (`patch` (n, h, w, C) and
+  `cls` (n, C) when the grids agree, else `patch.0`, `patch.1`, ...), and `DST/index.json` mapping
+  every image path to its shard and row. The index is rewritten (atomically) after each shard, so
+  done = listed in the index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from cotap.client.protocol import item_tensor, read_metadata
+from cotap.client.results import Embedding
+from cotap.core.wire import CLS, PATCH
+
+FEATURES_FORMAT = "cotap-features-v1"
+SHARDS_FORMAT = "cotap-feature-shards-v1"
+SUFFIX = ".safetensors"
+INDEX = "index.json"
+FAILURES = "failures.json"
+RUN = "embed.json"
+TMP_MARK = ".tmp-"
+
+
+def feature_path(dst: Path, rel: str) -> Path:
+    """Where the features of the image at `rel` (a POSIX path under the source) go."""
+    return dst / (rel + SUFFIX)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, doc: Any) -> None:
+    atomic_write(path, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
+
+
+def remove_stale_tmp(dst: Path) -> int:
+    """Delete temporary files a killed run left behind; returns how many."""
+    n = 0
+    if not dst.is_dir():
+        return 0
+    for path in dst.rglob(f".*{TMP_MARK}*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _meta(values: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in values.items()}
+
+
+def encode_features(rel: str, e: Embedding) -> bytes:
+    """One image's features as a safetensors file body."""
+    tensors: dict[str, np.ndarray] = {}
+    if e.patch is not None:
+        tensors[PATCH] = np.ascontiguousarray(e.patch)
+    if e.cls is not None:
+        tensors[CLS] = np.ascontiguousarray(e.cls)
+    meta = {
+        "format": FEATURES_FORMAT,
+        "source": rel,
+        "model": e.model,
+        "bundle_sha256": e.bundle_sha256,
+        "grid": list(e.grid),
+        "input_size": list(e.input_size),
+        "original_size": list(e.original_size),
+        "normalized": e.normalized,
+    }
+    return save_safetensors(tensors, metadata=_meta(meta))
+
+
+def write_features(dst: Path, rel: str, e: Embedding) -> Path:
+    path = feature_path(dst, rel)
+    atomic_write(path, encode_features(rel, e))
+    return path
+
+
+def read_feature_file(path: str | Path) -> tuple[str, Embedding]:
+    """(source path, Embedding) of a per-image features file."""
+    body = Path(path).read_bytes()
+    tensors = load_safetensors(body)
+    meta = read_metadata(body)
+    return str(meta.get("source", "")), Embedding(
+        patch=tensors.get(PATCH),
+        cls=tensors.get(CLS),
+        grid=_pair(meta.get("grid")),
+        input_size=_pair(meta.get("input_size")),
+        original_size=_pair(meta.get("original_size")),
+        model=str(meta.get("model", "")),
+        bundle_sha256=str(meta.get("bundle_sha256", "")),
+        normalized=bool(meta.get("normalized", False)),
+    )
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if v else (0, 0)
+
+
+class ShardWriter:
+    """Collects features and writes them `shard_size` at a time, updating `index.json` after each
+    shard. Not thread-safe: one writer thread (embed_folder's main loop) owns it."""
+
+    def __init__(self, dst: Path, shard_size: int, header: dict[str, Any], fresh: bool = False) -> None:
+        if shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        self.dst = dst
+        self.shard_size = shard_size
+        self.buffer: list[tuple[str, Embedding]] = []
+        index_path = dst / INDEX
+        if index_path.exists() and not fresh:
+            self.index = json.loads(index_path.read_text())
+            if self.index.get("format") != SHARDS_FORMAT:
+                raise ValueError(f"{index_path} is not a cotap feature index")
+        else:
+            self.index = {"format": SHARDS_FORMAT, **header, "shards": [], "items": {}}
+        self.index.update(header)
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.index["items"])
+
+    def add(self, rel: str, e: Embedding) -> None:
+        self.buffer.append((rel, e))
+        if len(self.buffer) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is buffered as one shard, then the index that lists it."""
+        if not self.buffer:
+            return
+        name = f"shard-{len(self.index['shards']):05d}{SUFFIX}"
+        atomic_write(self.dst / name, self._encode(self.buffer))
+        paths = [rel for rel, _ in self.buffer]
+        self.index["shards"].append({"file": name, "count": len(paths)})
+        for row, rel in enumerate(paths):
+            self.index["items"][rel] = [name, row]
+        write_json(self.dst / INDEX, self.index)
+        self.buffer = []
+
+    @staticmethod
+    def _encode(items: list[tuple[str, Embedding]]) -> bytes:
+        tensors: dict[str, np.ndarray] = {}
+        for name in (PATCH, CLS):
+            arrays = [getattr(e, name) for _, e in items]
+            if any(a is None for a in arrays):
+                continue
+            if len({a.shape for a in arrays}) == 1:
+                tensors[name] = np.stack(arrays)
+            else:
+                tensors |= {f"{name}.{i}": np.ascontiguousarray(a) for i, a in enumerate(arrays)}
+        meta = {
+            "format": SHARDS_FORMAT,
+            "paths": [rel for rel, _ in items],
+            "grids": [list(e.grid) for _, e in items],
+            "input_sizes": [list(e.input_size) for _, e in items],
+            "original_sizes": [list(e.original_size) for _, e in items],
+            "model": items[0][1].model,
+            "bundle_sha256": items[0][1].bundle_sha256,
+            "normalized": items[0][1].normalized,
+        }
+        return save_safetensors(tensors, metadata=_meta(meta))
+
+
+def read_shard(path: str | Path) -> list[tuple[str, Embedding]]:
+    """Every (source path, Embedding) of one shard, in row order."""
+    body = Path(path).read_bytes()
+    tensors = load_safetensors(body)
+    meta = read_metadata(body)
+    out = []
+    for i, rel in enumerate(meta["paths"]):
+        out.append(
+            (
+                rel,
+                Embedding(
+                    patch=item_tensor(tensors, PATCH, i),
+                    cls=item_tensor(tensors, CLS, i),
+                    grid=_pair(meta["grids"][i]),
+                    input_size=_pair(meta["input_sizes"][i]),
+                    original_size=_pair(meta["original_sizes"][i]),
+                    model=str(meta.get("model", "")),
+                    bundle_sha256=str(meta.get("bundle_sha256", "")),
+                    normalized=bool(meta.get("normalized", False)),
+                ),
+            )
+        )
+    return out
+
+
+def read_features(dst: str | Path) -> Iterator[tuple[str, Embedding]]:
+    """Every (source path, Embedding) that `embed_folder` wrote to `dst`, in either layout."""
+    dst = Path(dst)
+    index_path = dst / INDEX
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        for shard in index["shards"]:
+            yield from read_shard(dst / shard["file"])
+        return
+    for path in sorted(dst.rglob(f"*{SUFFIX}")):
+        if path.name.startswith(".") or TMP_MARK in path.name:
+            continue
+        yield read_feature_file(path)

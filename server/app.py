@@ -1,0 +1,69 @@
+"""`create_app(settings)`: the FastAPI application serving bundles over HTTP (DESIGN.md "HTTP API").
+
+The lifespan starts the inference workers and loads, verifies and warms every model in the
+background; /health/ready turns 200 only when that is done, and 503 again while draining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from cotap.core.version import __version__
+from cotap.core.wire import BUNDLE_HASH_HEADER, MODEL_HEADER, REQUEST_ID_HEADER, TIMING_HEADERS
+from cotap.server.errors import install_error_handlers
+from cotap.server.middleware import RequestContextMiddleware
+from cotap.server.registry import BackendHook
+from cotap.server.routes import ROUTERS
+from cotap.server.settings import Settings
+from cotap.server.state import ServerState
+
+DESCRIPTION = """Dense CoTAP image features over HTTP: patch embeddings, prototype assignments and
+patch correspondences, batched dynamically. Send images as multipart parts (`image`, or
+`source`/`target`) or base64 JSON; ask for `Accept: application/x-safetensors` for compact binary
+answers (float16 by default). Errors: `{"error": {"code", "message", "request_id"}}`."""
+
+
+def create_app(settings: Settings | None = None, *, backend_hook: BackendHook | None = None) -> FastAPI:
+    """The app for `settings` (default: from `COTAP_*` environment variables).
+
+    `backend_hook` receives each backend after it is built and returns the one to serve; it exists
+    for wrappers (instrumentation, fault injection in tests) and defaults to none.
+    """
+    settings = settings or Settings()
+    state = ServerState(settings, backend_hook)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.startup()
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(
+        title="cotap",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.cotap = state
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestContextMiddleware, state=state)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER, MODEL_HEADER, BUNDLE_HASH_HEADER, *TIMING_HEADERS.values()],
+        )
+    return app

@@ -1,0 +1,81 @@
+"""Post-processing in torch, on the device the model's outputs live on (shared by the torch and
+TensorRT backends): normalisation, prototype top-k and cosine matching never leave the GPU; only
+the (usually float16) answer is copied to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from cotap.core.wire import (
+    MATCH,
+    MATCH_TOPK,
+    MUTUAL,
+    PROTOTYPE_ID,
+    PROTOTYPE_PROB,
+    PROTOTYPE_TOPK_ID,
+    SCORE,
+    SCORE_TOPK,
+    SIMILARITY,
+)
+from cotap.server.backends.base import PostOps
+
+_FLOAT = {"float16": torch.float16, "float32": torch.float32}
+
+
+class TorchOps(PostOps):
+    def __init__(self, device: torch.device) -> None:
+        self.device = str(device)
+
+    def stack(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(xs))
+
+    @torch.inference_mode()
+    def l2_normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
+
+    @torch.inference_mode()
+    def prototypes(self, assign: torch.Tensor, top_k: int | None) -> dict[str, torch.Tensor]:
+        ids = assign.argmax(-1)
+        if top_k is None:
+            return {PROTOTYPE_ID: ids, PROTOTYPE_PROB: assign}
+        probs, idx = assign.topk(min(top_k, assign.shape[-1]), dim=-1, largest=True, sorted=True)
+        return {PROTOTYPE_ID: ids, PROTOTYPE_PROB: probs, PROTOTYPE_TOPK_ID: idx}
+
+    @torch.inference_mode()
+    def correspond(
+        self, source: torch.Tensor, target: torch.Tensor, top_k: int, mutual_only: bool, dense: bool
+    ) -> dict[str, torch.Tensor]:
+        n, h, w, c = source.shape
+        s = self.l2_normalize(source.float()).reshape(n, h * w, c)  # (N, P, C)
+        t = self.l2_normalize(target.float()).reshape(n, -1, c)  # (N, Q, C)
+        sim = torch.bmm(s, t.transpose(1, 2))  # (N, P, Q)
+        score, match = sim.max(-1)  # (N, P)
+        back = sim.argmax(1)  # (N, Q): best source patch of every target patch
+        mutual = back.gather(1, match) == torch.arange(h * w, device=sim.device)[None]
+        if mutual_only:
+            match = torch.where(mutual, match, torch.full_like(match, -1))
+            score = torch.where(mutual, score, torch.zeros_like(score))
+        out = {
+            MATCH: match.reshape(n, h, w),
+            SCORE: score.reshape(n, h, w),
+            MUTUAL: mutual.reshape(n, h, w),
+        }
+        if top_k > 1:
+            vals, idx = sim.topk(min(top_k, sim.shape[-1]), dim=-1, largest=True, sorted=True)
+            out[MATCH_TOPK] = idx.reshape(n, h, w, -1)
+            out[SCORE_TOPK] = vals.reshape(n, h, w, -1)
+        if dense:
+            out[SIMILARITY] = sim
+        return out
+
+    @torch.inference_mode()
+    def to_numpy(self, x: torch.Tensor, float_dtype: str) -> np.ndarray:
+        if x.is_floating_point():
+            x = x.to(_FLOAT[float_dtype])
+        elif x.dtype != torch.bool:
+            x = x.to(torch.int32)
+        return np.ascontiguousarray(x.detach().cpu().numpy())

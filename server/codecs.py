@@ -1,0 +1,230 @@
+"""Bodies in and out: the size-capped request body, multipart and base64-JSON image payloads, and
+responses as safetensors (named tensors plus string metadata) or JSON (the same names, nested lists).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from safetensors.numpy import save as save_safetensors
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from cotap.core.wire import JSON_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE, ErrorCode
+from cotap.server.errors import ServerError
+
+PayloadKind = Literal["images", "pairs"]
+IMAGE_FIELD = "image"
+PAIR_FIELDS = ("source", "target")
+METADATA_KEY = "__metadata__"
+
+
+@dataclass
+class ImagesPayload:
+    """The encoded images of a request (for pairs: source0, target0, source1, ...) and any options
+    the body carried."""
+
+    images: list[bytes]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as e:
+            raise ServerError(ErrorCode.INVALID_PARAMETERS, "Content-Length is not a number") from e
+        if size > max_bytes:
+            raise ServerError(
+                ErrorCode.PAYLOAD_TOO_LARGE, f"request body is {size} bytes; the limit is {max_bytes}"
+            )
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise ServerError(
+                    ErrorCode.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {max_bytes} bytes"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect as e:
+        raise ClientGone() from e
+    return b"".join(chunks)
+
+
+def _json_depth(value: Any) -> int:
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        depth = max(depth, d)
+        if isinstance(v, dict):
+            stack += [(x, d + 1) for x in v.values()]
+        elif isinstance(v, list):
+            stack += [(x, d + 1) for x in v]
+    return depth
+
+
+def _b64(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ServerError(ErrorCode.INVALID_PARAMETERS, f"{where} must be a base64 string")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]  # data:image/jpeg;base64,....
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ServerError(ErrorCode.BAD_IMAGE, f"{where} is not valid base64: {e}") from e
+
+
+def parse_json(body: bytes, kind: PayloadKind, max_depth: int) -> ImagesPayload:
+    """`{"images": [b64, ...], ...options}` or `{"pairs": [{"source": b64, "target": b64}], ...options}`."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ServerError(ErrorCode.INVALID_PARAMETERS, f"body is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ServerError(ErrorCode.INVALID_PARAMETERS, "the JSON body must be an object")
+    if _json_depth(doc) > max_depth:
+        raise ServerError(ErrorCode.INVALID_PARAMETERS, f"the JSON body nests deeper than {max_depth} levels")
+    images: list[bytes] = []
+    if kind == "images":
+        items = doc.pop("images", None)
+        if not isinstance(items, list):
+            raise ServerError(ErrorCode.INVALID_PARAMETERS, 'the JSON body needs "images": [base64, ...]')
+        images = [_b64(s, f"images[{i}]") for i, s in enumerate(items)]
+    else:
+        pairs = doc.pop("pairs", None)
+        if not isinstance(pairs, list):
+            raise ServerError(
+                ErrorCode.INVALID_PARAMETERS,
+                'the JSON body needs "pairs": [{"source": b64, "target": b64}, ...]',
+            )
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, dict) or set(pair) != set(PAIR_FIELDS):
+                raise ServerError(
+                    ErrorCode.INVALID_PARAMETERS, f'pairs[{i}] must be {{"source": b64, "target": b64}}'
+                )
+            images += [_b64(pair[f], f"pairs[{i}].{f}") for f in PAIR_FIELDS]
+    return ImagesPayload(images, doc)
+
+
+async def parse_multipart(request: Request, body: bytes, kind: PayloadKind, max_parts: int) -> ImagesPayload:
+    """Repeated `image` file parts, or `source`/`target` parts paired in order; other (text) fields
+    are options."""
+
+    async def stream() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(
+        request.headers, stream(), max_files=max_parts, max_fields=max_parts, max_part_size=64 * 1024
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        code = ErrorCode.PAYLOAD_TOO_LARGE if "Too many" in e.message else ErrorCode.INVALID_PARAMETERS
+        raise ServerError(code, f"multipart body refused: {e.message}") from e
+    try:
+        names = (IMAGE_FIELD,) if kind == "images" else PAIR_FIELDS
+        files: dict[str, list[bytes]] = {n: [] for n in names}
+        options: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if name in files:
+                if not isinstance(value, UploadFile):
+                    raise ServerError(
+                        ErrorCode.INVALID_PARAMETERS,
+                        f"field {name!r} must be a file part (curl -F {name}=@photo.jpg)",
+                    )
+                files[name].append(await value.read())
+            elif isinstance(value, UploadFile):
+                raise ServerError(
+                    ErrorCode.INVALID_PARAMETERS,
+                    f"unexpected file field {name!r}; expected {' and '.join(repr(n) for n in names)}",
+                )
+            else:
+                options.setdefault(name, []).append(value)
+    finally:
+        await form.close()
+    options = {k: v[0] if len(v) == 1 else v for k, v in options.items()}
+    if kind == "images":
+        return ImagesPayload(files[IMAGE_FIELD], options)
+    sources, targets = files["source"], files["target"]
+    if len(sources) != len(targets):
+        raise ServerError(
+            ErrorCode.INVALID_PARAMETERS,
+            f"{len(sources)} source and {len(targets)} target images: they are paired in order, send as many of each",
+        )
+    return ImagesPayload([x for pair in zip(sources, targets, strict=True) for x in pair], options)
+
+
+async def parse_payload(
+    request: Request, body: bytes, kind: PayloadKind, max_parts: int, max_depth: int
+) -> ImagesPayload:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await parse_multipart(request, body, kind, max_parts)
+    if ctype == "application/json":
+        return parse_json(body, kind, max_depth)
+    raise ServerError(
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        f"content type {ctype or '(none)'!r} is not accepted; send multipart/form-data or application/json",
+    )
+
+
+# -- responses -------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """A response's named tensors (host NumPy arrays) and its metadata."""
+
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, Any]
+
+
+def wants_binary(request: Request) -> bool:
+    return SAFETENSORS_MEDIA_TYPE in request.headers.get("accept", "")
+
+
+def _meta_strings(metadata: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata is str -> str: strings stay, everything else is JSON-encoded."""
+    return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in metadata.items()}
+
+
+def encode_safetensors(result: Result) -> bytes:
+    tensors = {k: np.ascontiguousarray(v) for k, v in result.tensors.items()}
+    return save_safetensors(tensors, metadata=_meta_strings(result.metadata))
+
+
+def encode_json(result: Result, max_bytes: int) -> bytes:
+    too_big = (
+        "the JSON answer would be {} bytes, over the limit of {} bytes: ask for the binary form with "
+        f"'Accept: {SAFETENSORS_MEDIA_TYPE}' (float16, about 6x smaller), or for fewer outputs"
+    )
+    elements = sum(int(v.size) for v in result.tensors.values())
+    if 2 * elements > max_bytes:  # every number takes at least 2 characters ("0,")
+        raise ServerError(ErrorCode.PAYLOAD_TOO_LARGE, too_big.format(f"at least {2 * elements}", max_bytes))
+    data = orjson.dumps(
+        {**result.tensors, METADATA_KEY: result.metadata},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    if len(data) > max_bytes:
+        raise ServerError(ErrorCode.PAYLOAD_TOO_LARGE, too_big.format(len(data), max_bytes))
+    return data
+
+
+def encode_result(result: Result, binary: bool, max_json_bytes: int) -> tuple[bytes, str]:
+    if binary:
+        return encode_safetensors(result), SAFETENSORS_MEDIA_TYPE
+    return encode_json(result, max_json_bytes), JSON_MEDIA_TYPE

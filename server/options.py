@@ -1,0 +1,78 @@
+"""Per-request options of the inference routes: query parameters (documented in OpenAPI), which a
+JSON body (or multipart text fields) may carry instead. One pydantic model per route validates both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cotap.core.wire import CLS, PATCH, ErrorCode
+from cotap.server.errors import ServerError, validation_message
+
+Dtype = Literal["float16", "float32"]
+
+
+class CommonOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="served model name (default: the first one)")
+    dtype: Dtype | None = Field(
+        None,
+        description="float output dtype: float16 (the default for safetensors) or float32 (JSON default)",
+    )
+
+
+class EmbedOptions(CommonOptions):
+    outputs: list[Literal["patch", "cls"]] = Field(
+        default_factory=lambda: [PATCH, CLS],
+        description="which outputs: patch, cls (repeat or comma-separate)",
+    )
+    normalize: bool = Field(False, description="L2-normalise patch and cls embeddings")
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            v = [p.strip() for x in v for p in str(x).split(",") if p.strip()]
+            if not v:
+                raise ValueError("ask for at least one of patch, cls")
+            return list(dict.fromkeys(v))
+        return v
+
+
+class PrototypeOptions(CommonOptions):
+    top_k: int | None = Field(
+        None, ge=1, description="return the k most probable prototypes per patch (default: all M)"
+    )
+
+
+class CorrespondOptions(CommonOptions):
+    top_k: int = Field(1, ge=1, le=64, description="also return the k best matches per patch (k > 1)")
+    mutual_only: bool = Field(False, description="set match = -1 and score = 0 where the match is not mutual")
+    dense: bool = Field(
+        False, description="also return the full cosine similarity (N, h*w, h'*w') (under max_dense_elements)"
+    )
+
+
+OptionsT = TypeVar("OptionsT", bound=CommonOptions)
+
+
+def merge_options(cls: type[OptionsT], query: OptionsT, body: dict[str, Any]) -> OptionsT:
+    """The query's options plus the body's; a name given in both is refused (422)."""
+    given = query.model_dump(exclude_unset=True)
+    both = sorted(set(given) & set(body))
+    if both:
+        raise ServerError(
+            ErrorCode.INVALID_PARAMETERS,
+            f"{', '.join(both)} given in both the query and the body; give it once",
+        )
+    if not body:
+        return query
+    try:
+        return cls.model_validate({**body, **given})
+    except ValidationError as e:
+        raise ServerError(ErrorCode.INVALID_PARAMETERS, validation_message(list(e.errors()))) from e

@@ -1,0 +1,169 @@
+"""Backends and their post-processing: NumPy and torch ops against plain references, the ONNX
+Runtime backend on an exported tiny bundle, `auto` selection, and clear refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cotap.core.bundle import read_bundle
+from cotap.core.wire import SAFETENSORS_MEDIA_TYPE
+from cotap.server.backends import BackendError, BackendOptions, NumpyOps, build_backend, choose_backend
+from cotap.server.backends.base import PostOps
+from cotap.server.backends.torch_ops import TorchOps
+from tests.server.helpers import jpeg, run, running, settings_for
+
+CPU = BackendOptions(device="cpu")
+
+
+def plain_correspondence(src: np.ndarray, tgt: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Loops, float64: for each source patch the best target by cosine, mutual check, top-k."""
+    p, q = src.shape[0], tgt.shape[0]
+    sim = np.zeros((p, q))
+    for i in range(p):
+        for j in range(q):
+            a, b = src[i].astype(np.float64), tgt[j].astype(np.float64)
+            sim[i, j] = a @ b / (np.sqrt(a @ a) * np.sqrt(b @ b))
+    match = sim.argmax(1)
+    back = sim.argmax(0)
+    return {
+        "match": match,
+        "score": sim[np.arange(p), match],
+        "mutual": back[match] == np.arange(p),
+        "topk": np.argsort(-sim, 1, kind="stable")[:, :k],
+        "sim": sim,
+    }
+
+
+@pytest.mark.parametrize("ops", [NumpyOps(), TorchOps(torch.device("cpu"))], ids=["numpy", "torch"])
+def test_post_ops_against_plain_reference(ops: PostOps) -> None:
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)
+    tgt = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
+    assign = rng.random((2, 3, 4, 6)).astype(np.float32)
+    conv = (lambda x: torch.from_numpy(x)) if isinstance(ops, TorchOps) else (lambda x: x)
+    res = {
+        k: ops.to_numpy(v, "float32") for k, v in ops.correspond(conv(src), conv(tgt), 3, False, True).items()
+    }
+    for n in range(2):
+        ref = plain_correspondence(src[n].reshape(12, 8), tgt[n].reshape(10, 8), 3)
+        np.testing.assert_array_equal(res["match"][n].ravel(), ref["match"])
+        np.testing.assert_allclose(res["score"][n].ravel(), ref["score"], atol=1e-6)
+        np.testing.assert_array_equal(res["mutual"][n].ravel(), ref["mutual"])
+        np.testing.assert_array_equal(res["match_topk"][n].reshape(12, 3), ref["topk"])
+        np.testing.assert_allclose(res["similarity"][n], ref["sim"], atol=1e-6)
+    assert res["match"].dtype == np.int32 and res["mutual"].dtype == bool
+    mo = {
+        k: ops.to_numpy(v, "float32") for k, v in ops.correspond(conv(src), conv(tgt), 1, True, False).items()
+    }
+    assert set(mo) == {"match", "score", "mutual"}
+    np.testing.assert_array_equal(mo["match"], np.where(res["mutual"], res["match"], -1))
+    pr = {k: ops.to_numpy(v, "float32") for k, v in ops.prototypes(conv(assign), 2).items()}
+    np.testing.assert_array_equal(pr["prototype_id"], assign.argmax(-1))
+    np.testing.assert_array_equal(pr["prototype_topk_id"], np.argsort(-assign, -1)[..., :2])
+    np.testing.assert_allclose(pr["prototype_prob"], np.sort(assign, -1)[..., ::-1][..., :2], atol=1e-7)
+    x = conv(np.array([[3.0, 4.0], [0.0, 0.0]], np.float32))
+    np.testing.assert_allclose(ops.to_numpy(ops.l2_normalize(x), "float32"), [[0.6, 0.8], [0, 0]], atol=1e-7)
+    assert ops.to_numpy(x, "float16").dtype == np.float16
+
+
+def test_torch_backend_refusals(tiny_bundle: Path) -> None:
+    b = read_bundle(tiny_bundle)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="no CUDA device"):
+            build_backend(b, "torch", BackendOptions(device="cuda"))
+    with pytest.raises(BackendError, match="fp16 on the CPU"):
+        build_backend(b, "torch", BackendOptions(device="cpu", precision="fp16"))
+    with pytest.raises(BackendError, match="int8"):
+        build_backend(b, "torch", BackendOptions(device="cpu", precision="int8"))
+    bf16 = build_backend(b, "torch", BackendOptions(device="cpu", precision="bf16"))
+    fp32 = build_backend(b, "torch", CPU)
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    a, c = bf16.forward(x)["patch"], fp32.forward(x)["patch"]
+    assert a.dtype == torch.float32 and a.shape == (2, 4, 4, 64)
+    cos = torch.nn.functional.cosine_similarity(a, c, dim=-1)
+    assert float(cos.min()) > 0.99
+
+
+def test_onnxruntime_and_tensorrt_refuse_a_bundle_without_artefacts(tiny_bundle: Path) -> None:
+    b = read_bundle(tiny_bundle)
+    with pytest.raises(BackendError, match="cotap export onnx --bundle"):
+        build_backend(b, "onnxruntime", CPU)
+    with pytest.raises(BackendError, match="cotap export tensorrt"):
+        build_backend(b, "tensorrt", CPU)
+    with pytest.raises(BackendError, match="unknown backend"):
+        build_backend(b, "tvm", CPU)
+    assert choose_backend(b, "auto", CPU)[0] == "torch"
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("cotap.export.onnx") is None:
+        pytest.skip("cotap.export.onnx (the exporter) is not there yet")
+    from cotap.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny"
+    shutil.copytree(tiny_bundle, out)
+    export_onnx(out, "fp32", max_batch=8)
+    return out
+
+
+def test_onnxruntime_backend_serves_what_torch_serves(onnx_bundle: Path) -> None:
+    b = read_bundle(onnx_bundle)
+    assert choose_backend(b, "auto", CPU)[0] == "onnxruntime"
+    ort = build_backend(b, "onnxruntime", CPU)
+    assert ort.describe()["providers"] == ["CPUExecutionProvider"] and ort.max_batch == 8
+    assert ort.sizes == frozenset({(32, 32)})
+    with pytest.raises(BackendError, match="no int8 ONNX model"):
+        build_backend(b, "onnxruntime", BackendOptions(device="cpu", precision="int8"))
+    images = [jpeg(40, 48, i) for i in range(3)]
+
+    async def answers(backend: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load
+
+        async with running(settings_for(onnx_bundle, backend=backend)) as (_, c):
+            models = (await c.get("/v1/models")).json()["models"][0]
+            assert models["backend"] == backend
+            files = [("image", (f"{i}.jpg", x, "image/jpeg")) for i, x in enumerate(images)]
+            r = await c.post(
+                "/v1/embed?dtype=float32", files=files, headers={"accept": SAFETENSORS_MEDIA_TYPE}
+            )
+            p = await c.post("/v1/prototypes", files=files, headers={"accept": SAFETENSORS_MEDIA_TYPE})
+            return load(r.content) | load(p.content)
+
+    via_ort = run(answers("onnxruntime"))
+    via_torch = run(answers("torch"))
+    np.testing.assert_allclose(via_ort["patch"], via_torch["patch"], atol=1e-4)
+    np.testing.assert_allclose(via_ort["cls"], via_torch["cls"], atol=1e-4)
+    agree = (via_ort["prototype_id"] == via_torch["prototype_id"]).mean()
+    assert agree > 0.95
+
+
+def test_onnxruntime_refuses_sizes_it_was_not_exported_for(onnx_bundle: Path) -> None:
+    """A bundle whose declared size has no ONNX model is refused at load time."""
+    import json
+
+    b = read_bundle(onnx_bundle)
+    assert b.artifacts["onnx"][0]["sizes"] == [[32, 32]]
+    rec = dict(b.artifacts["onnx"][0], sizes=[[24, 40]])
+    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
+    manifest["artifacts"]["onnx"] = [rec]
+    from dataclasses import replace
+
+    fake = replace(b, manifest=manifest)
+    with pytest.raises(BackendError, match="covers its input sizes"):
+        build_backend(fake, "onnxruntime", CPU)
+
+
+@pytest.mark.trt
+def test_tensorrt_backend_checks_the_engine_against_this_gpu(tiny_bundle: Path) -> None:
+    from cotap.server.backends.tensorrt_backend import device_facts
+
+    facts, why = device_facts()
+    assert facts is not None, why
+    assert facts.compute_capability.count(".") == 1

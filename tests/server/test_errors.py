@@ -1,0 +1,289 @@
+"""Every error status answers the one envelope with the right code, and bad input never becomes a
+500 or hurts another request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from cotap.core.wire import REQUEST_ID_HEADER, SAFETENSORS_MEDIA_TYPE
+from cotap.server.backends.base import Backend
+from tests.server.helpers import Gate, encode, jpeg, photo, run, running, settings_for
+
+
+def parts(field: str, images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [(field, (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
+
+
+def envelope(r: httpx.Response, status: int, code: str) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["request_id"] == r.headers[REQUEST_ID_HEADER]
+    assert body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+def test_4xx_statuses(tiny_bundle: Path) -> None:
+    async def body() -> None:
+        settings = settings_for(
+            tiny_bundle, max_body_bytes=64 * 1024, max_pixels=100 * 100, max_images_per_request=3
+        )
+        async with running(settings) as (_, c):
+            # 400: not an image, truncated JPEG, bad base64
+            msg = envelope(
+                await c.post("/v1/embed", files=parts("image", [jpeg(), b"not an image"])), 400, "bad_image"
+            )
+            assert msg.startswith("image 1")
+            envelope(await c.post("/v1/embed", files=parts("image", [jpeg()[:200]])), 400, "bad_image")
+            envelope(await c.post("/v1/embed", json={"images": ["%%%"]}), 400, "bad_image")
+            # 404: route and model
+            envelope(await c.get("/v2/nothing"), 404, "not_found")
+            msg = envelope(
+                await c.post("/v1/embed?model=nope", files=parts("image", [jpeg()])), 404, "model_not_found"
+            )
+            assert "tiny" in msg
+            # 413: body, image pixels, images per request, multipart parts
+            big = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+            envelope(
+                await c.post("/v1/embed", files=parts("image", [encode(big, "PNG")])),
+                413,
+                "payload_too_large",
+            )
+            envelope(
+                await c.post("/v1/embed", files=parts("image", [jpeg(120, 120)])), 413, "image_too_large"
+            )
+            envelope(await c.post("/v1/embed", files=parts("image", [jpeg()] * 4)), 413, "payload_too_large")
+            # 415: content type and image format
+            envelope(
+                await c.post("/v1/embed", content=b"abc", headers={"content-type": "text/plain"}),
+                415,
+                "unsupported_media_type",
+            )
+            envelope(await c.post("/v1/embed", content=b"abc"), 415, "unsupported_media_type")
+            gif = encode(photo(40, 40), "GIF")
+            envelope(await c.post("/v1/embed", files=parts("image", [gif])), 415, "unsupported_media_type")
+            # 422: bad or unknown options, conflicts, limits that are parameters
+            envelope(
+                await c.post("/v1/prototypes?top_k=0", files=parts("image", [jpeg()])),
+                422,
+                "invalid_parameters",
+            )
+            envelope(
+                await c.post("/v1/prototypes?top_k=65", files=parts("image", [jpeg()])),
+                422,
+                "invalid_parameters",
+            )
+            envelope(
+                await c.post("/v1/embed?outputs=assign", files=parts("image", [jpeg()])),
+                422,
+                "invalid_parameters",
+            )
+            envelope(
+                await c.post("/v1/embed?topk=3", files=parts("image", [jpeg()])), 422, "invalid_parameters"
+            )
+            envelope(
+                await c.post("/v1/embed?dtype=int8", files=parts("image", [jpeg()])),
+                422,
+                "invalid_parameters",
+            )
+            envelope(
+                await c.post("/v1/embed", files=[("photo", ("a.jpg", jpeg(), "image/jpeg"))]),
+                422,
+                "invalid_parameters",
+            )
+            envelope(await c.post("/v1/embed", files=[]), 415, "unsupported_media_type")
+            envelope(await c.post("/v1/embed", json={"images": []}), 422, "invalid_parameters")
+            envelope(
+                await c.post("/v1/embed?normalize=true", json={"images": [], "normalize": False}),
+                422,
+                "invalid_parameters",
+            )
+            envelope(
+                await c.post("/v1/embed", content=b"{nope", headers={"content-type": "application/json"}),
+                422,
+                "invalid_parameters",
+            )
+            deep: Any = ["x"]
+            for _ in range(20):
+                deep = [deep]
+            envelope(await c.post("/v1/embed", json={"images": deep}), 422, "invalid_parameters")
+            envelope(
+                await c.post(
+                    "/v1/correspond", files=parts("source", [jpeg()] * 2) + parts("target", [jpeg()])
+                ),
+                422,
+                "invalid_parameters",
+            )
+            envelope(
+                await c.post(
+                    "/v1/correspond?top_k=17", files=parts("source", [jpeg()]) + parts("target", [jpeg()])
+                ),
+                422,
+                "invalid_parameters",
+            )
+            envelope(await c.get("/v1/embed"), 405, "invalid_parameters")
+
+    run(body())
+
+
+def test_dense_cap_and_json_cap(tiny_bundle: Path) -> None:
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, max_dense_elements=16 * 16, max_json_bytes=4096)) as (
+            _,
+            c,
+        ):
+            one = parts("source", [jpeg()]) + parts("target", [jpeg(seed=2)])
+            r = await c.post(
+                "/v1/correspond?dense=true", files=one, headers={"accept": SAFETENSORS_MEDIA_TYPE}
+            )
+            assert r.status_code == 200  # 1 pair x 16 x 16 = the cap
+            msg = envelope(
+                await c.post("/v1/correspond?dense=true", files=one * 2), 422, "invalid_parameters"
+            )
+            assert "max_dense_elements" in msg
+            msg = envelope(
+                await c.post("/v1/embed", files=parts("image", [jpeg()])), 413, "payload_too_large"
+            )
+            assert SAFETENSORS_MEDIA_TYPE in msg
+            r = await c.post(
+                "/v1/embed", files=parts("image", [jpeg()]), headers={"accept": SAFETENSORS_MEDIA_TYPE}
+            )
+            assert r.status_code == 200
+
+    run(body())
+
+
+def test_401_api_key(tiny_bundle: Path) -> None:
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, api_key="s3cret")) as (_, c):
+            envelope(await c.post("/v1/embed", files=parts("image", [jpeg()])), 401, "unauthorized")
+            r = await c.get("/v1/models", headers={"authorization": "Bearer wrong"})
+            assert "invalid" in envelope(r, 401, "unauthorized") and r.headers["www-authenticate"] == "Bearer"
+            envelope(await c.get("/metrics"), 401, "unauthorized")
+            envelope(
+                await c.get("/openapi.json", headers={"authorization": "Basic s3cret"}), 401, "unauthorized"
+            )
+            assert (await c.get("/health/ready")).status_code == 200
+            assert (await c.get("/health/live")).status_code == 200
+            ok = await c.post(
+                "/v1/embed", files=parts("image", [jpeg()]), headers={"authorization": "Bearer s3cret"}
+            )
+            assert ok.status_code == 200
+            assert (await c.get("/metrics", headers={"authorization": "Bearer s3cret"})).status_code == 200
+
+    run(body())
+
+
+def test_503_while_loading_then_ready(tiny_bundle: Path) -> None:
+    loading = threading.Event()
+
+    def slow(backend: Backend) -> Backend:
+        assert loading.wait(20)
+        return backend
+
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle), hook=slow, wait=False) as (app, c):
+            r = await c.get("/health/ready")
+            assert r.status_code == 503 and r.json()["status"] == "starting"
+            assert (await c.get("/health/live")).status_code == 200
+            assert "loading" in envelope(
+                await c.post("/v1/embed", files=parts("image", [jpeg()])), 503, "not_ready"
+            )
+            envelope(await c.get("/v1/models"), 503, "not_ready")
+            loading.set()
+            assert await app.state.cotap.wait_loaded(20)
+            assert (await c.get("/health/ready")).status_code == 200
+
+    try:
+        run(body())
+    finally:
+        loading.set()
+
+
+def test_503_when_loading_fails(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running(settings_for(tmp_path / "missing"), wait=False) as (app, c):
+            assert not await app.state.cotap.wait_loaded(20)
+            r = await c.get("/health/ready")
+            assert (
+                r.status_code == 503 and r.json()["status"] == "failed" and "not found" in r.json()["error"]
+            )
+            assert "failed to load" in envelope(
+                await c.post("/v1/embed", files=parts("image", [jpeg()])), 503, "not_ready"
+            )
+
+    run(body())
+
+
+def test_bad_image_does_not_fail_a_good_one_in_flight(tiny_bundle: Path, gate: Gate) -> None:
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, max_queue_delay_ms=200), hook=gate.wrap) as (_, c):
+            good = [c.post("/v1/embed", files=parts("image", [jpeg(seed=i)])) for i in range(3)]
+            bad = c.post("/v1/embed", files=parts("image", [b"garbage"]))
+            results = await asyncio.gather(*good, bad)
+            assert [r.status_code for r in results] == [200, 200, 200, 400]
+
+    run(body())
+
+
+def test_500_backend_error_fails_only_its_batch(tiny_bundle: Path, gate: Gate) -> None:
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, max_batch=2), hook=gate.wrap) as (app, c):
+            gate.batches.clear()
+            gate.fail_next = 1
+            gate.hold()
+            first = asyncio.ensure_future(
+                c.post("/v1/embed", files=parts("image", [jpeg(seed=1), jpeg(seed=2)]))
+            )
+            await gate.wait_entered()  # batch 1 (this request's two images) is in forward and will raise
+            second = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(seed=3)])))
+            while app.state.cotap.scheduler.depth < 1:
+                await asyncio.sleep(0.01)
+            gate.release()
+            r1, r2 = await asyncio.gather(first, second)
+            assert "injected backend failure" in envelope(r1, 500, "internal")
+            assert r2.status_code == 200
+            assert gate.batches == [2, 1]
+            r3 = await c.post("/v1/embed", files=parts("image", [jpeg()]))
+            assert r3.status_code == 200
+
+    run(body())
+
+
+def test_cors_preflight_and_headers_on_errors(tiny_bundle: Path) -> None:
+    origin = "https://app.example"
+
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, cors_origins=[origin], api_key="k")) as (_, c):
+            pre = await c.options(
+                "/v1/embed",
+                headers={
+                    "origin": origin,
+                    "access-control-request-method": "POST",
+                    "access-control-request-headers": "authorization",
+                },
+            )
+            assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
+            denied = await c.post("/v1/embed", files=parts("image", [jpeg()]), headers={"origin": origin})
+            envelope(denied, 401, "unauthorized")
+            assert denied.headers["access-control-allow-origin"] == origin  # the page can read the error
+            ok = await c.post(
+                "/v1/embed",
+                files=parts("image", [jpeg()]),
+                headers={"origin": origin, "authorization": "Bearer k"},
+            )
+            assert ok.status_code == 200
+            assert "x-inference-time-ms" in ok.headers["access-control-expose-headers"]
+            other = await c.post(
+                "/v1/embed", files=parts("image", [jpeg()]), headers={"origin": "https://evil.example"}
+            )
+            assert "access-control-allow-origin" not in other.headers
+
+    run(body())

@@ -1,0 +1,129 @@
+"""A real `cotap serve` process on 127.0.0.1: ready, serving, and a SIGTERM drain that finishes the
+request in flight, refuses new work and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.helpers import jpeg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, "server exited early"
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server never became ready")
+
+
+def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    # A lone image waits up to 1.5 s for company while another upload is still arriving.
+    env = {**os.environ, "COTAP_MAX_QUEUE_DELAY_MS": "1500"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "cotap.cli.main",
+        "serve",
+        "--model",
+        f"tiny={tiny_bundle}",
+        "--port",
+        str(port),
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    slow = socket.socket()
+    try:
+        wait_ready(base, proc)
+        slow.connect(("127.0.0.1", port))  # an upload that stalls half-way: expected company
+        slow.sendall(
+            b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"
+        )
+        time.sleep(0.3)
+        result: dict[str, httpx.Response] = {}
+
+        def post() -> None:
+            result["r"] = httpx.post(
+                f"{base}/v1/embed", files=[("image", ("a.jpg", jpeg(), "image/jpeg"))], timeout=20
+            )
+
+        t = threading.Thread(target=post)
+        t.start()
+        for _ in range(200):  # until the image is queued
+            metrics = httpx.get(f"{base}/metrics", timeout=2).text
+            if 'cotap_queue_depth{model="tiny"} 1.0' in metrics:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the request never reached the queue")
+        t_term = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        t.join(20)
+        assert result["r"].status_code == 200, result["r"].text
+        assert time.monotonic() - t_term < 1.4  # the drain ran the queued batch at once
+        assert proc.poll() is None  # still draining: the stalled upload is in flight
+        try:
+            refused = httpx.post(
+                f"{base}/v1/embed", files=[("image", ("a.jpg", jpeg(), "image/jpeg"))], timeout=5
+            )
+            assert refused.status_code == 503  # no longer admitting
+        except httpx.TransportError:
+            pass  # or already closed
+        slow.close()  # the last in-flight request ends
+        assert proc.wait(20) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/health/live", timeout=1)
+    finally:
+        slow.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    msgs = [x["msg"] for x in lines]
+    assert msgs.index("ready") < msgs.index("draining") < msgs.index("drained") < msgs.index("stopped")
+    served = [x for x in lines if x["msg"] == "request" and x.get("path") == "/v1/embed"]
+    assert [x["status"] for x in served][:1] == [200] and len(served[0]["request_id"]) == 32
+
+
+def test_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cotap.cli.main",
+            "serve",
+            "--model",
+            str(tmp_path / "none"),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert b"bundle directory not found" in proc.stderr

@@ -1,0 +1,250 @@
+"""The trainer on CPU: a tiny model learns on synthetic scenes, resumes exactly, and ends in a
+bundle that `load_model` and `read_bundle` accept."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cotap.cli.main import main as cli_main
+from cotap.core.bundle import read_bundle
+from cotap.training.checkpoints import load_model
+from cotap.training.config import ConfigError, TrainConfig, load_config
+from cotap.training.trainer import Trainer, TrainError, read_checkpoint
+
+TINY = [
+    "name=tiny-test",
+    "max_steps=20",
+    "progress=false",
+    "log_every=1",
+    "checkpoint_every=10",
+    "model.arch=cotap_test",
+    "model.init=scratch",
+    "data.train=synthetic:32:0:48",
+    "data.batch_size=4",
+    "data.views.global_size=32",
+    "data.views.local_size=16",
+    "data.views.num_local=2",
+    "heads.hidden_dim=32",
+    "heads.bottleneck_dim=16",
+    "heads.patch_prototypes=16",
+    "heads.cls_prototypes=32",
+    "bank.size=64",
+    "bank.add_per_step=8",
+    "bank.kmeans_iterations=30",
+    "loss.patch_queue=256",
+    "loss.patch_queue_add=32",
+    "loss.cls_queue=64",
+    "loss.cls_queue_add=8",
+    "optim.lr=2e-3",
+    "optim.head_lr_mult=5",
+    "optim.min_lr=1e-4",
+    "optim.clip_grad=5.0",
+    "optim.ema_start=0.9",
+    "optim.ema_end=0.99",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, spinning OMP threads cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(*extra: str) -> TrainConfig:
+    return load_config(None, [*TINY, *extra])
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"student.{k}": v for k, v in trainer.student.state_dict().items()}
+    out |= {f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Path]:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    trainer = Trainer(tiny_config(), out)
+    trainer.result = trainer.fit()  # type: ignore[attr-defined]
+    return trainer, out
+
+
+def test_tiny_model_trains_and_loss_falls(unbroken: tuple[Trainer, Path]) -> None:
+    trainer, out = unbroken
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    losses = [float(r["loss"]) for r in rows]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    for name in ("patch_intra", "patch_inner", "cls_inner", "cls_intra", "entropy"):
+        assert all(r[f"loss_{name}"] != "" for r in rows), name
+    assert trainer.method.prototypes_initialized  # the bank filled (16 crops per step) and k-means ran
+    assert len(trainer.method.patch_queue) > 0 and len(trainer.method.cls_queue) > 0
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "config.yaml").is_file()
+
+
+def test_resume_from_step_10_matches_unbroken_run(unbroken: tuple[Trainer, Path], tmp_path: Path) -> None:
+    full, _ = unbroken
+    first = Trainer(tiny_config(), tmp_path / "split")
+    result = first.fit(stop_at=10)
+    assert result.step == 10 and result.bundle is None
+    assert read_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["step"] == 10
+    second = Trainer(tiny_config(), tmp_path / "split", resume=True)
+    assert second.step == 10
+    second.fit()
+    a, b = weights(full), weights(second)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    for group_a, group_b in zip(full.optimizer.param_groups, second.optimizer.param_groups, strict=True):
+        assert group_a["lr"] == group_b["lr"] and group_a["weight_decay"] == group_b["weight_decay"]
+    assert torch.equal(full.method.bank.samples, second.method.bank.samples)
+    assert torch.equal(full.method.patch_queue.rows, second.method.patch_queue.rows)
+    with (tmp_path / "split" / "metrics.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 21))
+
+
+def test_checkpoint_and_bundle_load(unbroken: tuple[Trainer, Path]) -> None:
+    trainer, out = unbroken
+    ckpt = out / "checkpoints" / "last.pt"
+    raw = read_checkpoint(ckpt)
+    assert raw["step"] == 20 and raw["prototypes_initialized"] is True
+    assert raw["config"]["model"]["arch"] == "cotap_test"
+    for key in ("optimizer", "scaler", "method", "rng", "data", "heads"):
+        assert key in raw
+    teacher = load_model(ckpt)
+    student = load_model(ckpt, which="student")
+    for k, v in trainer.teacher.backbone.state_dict().items():
+        assert torch.equal(teacher.model.state_dict()[k], v)
+    for k, v in trainer.student.backbone.state_dict().items():
+        assert torch.equal(student.model.state_dict()[k], v)
+    bundle = read_bundle(out / "bundle")
+    assert bundle.config.prototypes_initialized and bundle.config.arch == "cotap_test"
+    assert bundle.manifest["build"]["step"] == 20 and bundle.manifest["source"]["which"] == "teacher"
+    loaded = load_model(out / "bundle")
+    with torch.no_grad():
+        x = torch.randn(1, 3, 32, 32)
+        assert torch.allclose(loaded.model(x)["patch"], teacher.model(x)["patch"], atol=1e-6)
+    assert cli_main(["verify", str(out / "bundle")]) == 0
+
+
+def test_refuses_existing_run_and_missing_resume(unbroken: tuple[Trainer, Path], tmp_path: Path) -> None:
+    _, out = unbroken
+    with pytest.raises(TrainError, match="--resume"):
+        Trainer(tiny_config(), out)
+    with pytest.raises(TrainError, match="no checkpoint"):
+        Trainer(tiny_config(), tmp_path / "nothing", resume=True)
+
+
+def test_ablation_switches_and_init_from_bundle(unbroken: tuple[Trainer, Path], tmp_path: Path) -> None:
+    _, out = unbroken
+    cfg = tiny_config(
+        "max_steps=3",
+        "loss.patch_intra_mode=l1",
+        "loss.weights.cls_intra=0",
+        "loss.weights.patch_inner=0",
+        f"model.init={out / 'bundle'}",
+        "bundle.enabled=false",
+        "plot=false",
+    )
+    trainer = Trainer(cfg, tmp_path / "ablate")
+    assert trainer.method.prototypes_initialized  # inherited from the bundle: no k-means again
+    kernel = trainer.student.backbone.kernel.detach().clone()
+    result = trainer.fit()
+    assert result.step == 3 and result.bundle is None
+    assert set(result.last_metrics) >= {"loss_patch_intra", "loss_cls_inner", "loss_entropy"}
+    assert "loss_cls_intra" not in result.last_metrics and "loss_patch_inner" not in result.last_metrics
+    assert not torch.equal(kernel, trainer.student.backbone.kernel)  # the entropy loss moved them
+
+
+def test_cli_train_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "\n".join(line.replace("=", ": ", 1) for line in TINY if "." not in line.split("=")[0]) + "\n"
+    )
+    nested = [o for o in TINY if "." in o.split("=")[0]]
+    code = cli_main(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "run"),
+            *nested,
+            "max_steps=2",
+            "bank.enabled=false",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 2 and Path(summary["bundle"]).is_dir()
+    assert cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "x"), "optim.lr=fast"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_cli_knn_then_train_with_neighbour_pairs(
+    unbroken: tuple[Trainer, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cotap.training.data.neighbours import load_knn_file
+
+    _, out = unbroken
+    nns = tmp_path / "nns.npz"
+    args = [
+        "train",
+        "knn",
+        "--data",
+        "synthetic:32:0:48",
+        "--checkpoint",
+        str(out / "bundle"),
+        "--k",
+        "3",
+        "--out",
+        str(nns),
+    ]
+    assert cli_main(args) == 0
+    table = load_knn_file(json.loads(capsys.readouterr().out)["knn"], expected_len=32)
+    assert table.shape == (32, 3) and (table[:, 0] == range(32)).all()
+    trainer = Trainer(
+        tiny_config("max_steps=2", f"data.knn={nns}", "data.k=3", "bundle.enabled=false", "plot=false"),
+        tmp_path / "run",
+    )
+    trainer.fit()
+    assert trainer.data.nns is not None and trainer.step == 2
+    assert cli_main(["train", "knn", "--data", "synthetic:4"]) == 2  # missing --checkpoint/--out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        (["data.views.global_sise=32"], ConfigError, "data.views"),
+        (["model.arch=cotap_nope"], ConfigError, "model.arch"),
+        (["bank.size=32"], ConfigError, "bank.size"),
+        (["data.train=/nonexistent/folder"], TrainError, "dataset not found"),
+        (["data.views.global_size=36"], TrainError, "multiples of the patch size"),
+        (["amp=fp16", "device=cpu"], TrainError, "needs a CUDA device"),
+    ],
+)
+def test_bad_runs_fail_clearly(
+    tmp_path: Path, overrides: list[str], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Trainer(tiny_config(*overrides), tmp_path / "bad")
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path: Path) -> None:
+    trainer = Trainer(
+        tiny_config("max_steps=2", "amp=bf16", "bundle.enabled=false", "plot=false"), tmp_path / "bf16"
+    )
+    assert trainer.amp_dtype == torch.bfloat16
+    result = trainer.fit()
+    assert result.step == 2 and all(v == v for k, v in result.last_metrics.items() if k.startswith("loss"))
+    assert trainer.student.backbone.kernel.dtype == torch.float32  # autocast, not a cast of the weights

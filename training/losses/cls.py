@@ -1,0 +1,47 @@
+"""The image-level (CLS) Sinkhorn losses kept by CoTAP (§3.4).
+
+- `multicrop_cls_loss` (`L_inner_cls`, SwAV/DINO multi-crop): the teacher's Sinkhorn codes of each
+  global crop are predicted by the student from every OTHER crop of the same image (the other
+  global crop and all local crops), cross-entropy with student temperature 0.1.
+- `pair_cls_loss` (`L_intra_cls`, cross-image): the teacher codes of the partner's global crops
+  supervise the anchor's global crops and vice versa, over all crop pairs, student temperature 0.2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def multicrop_cls_loss(codes: torch.Tensor, student: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Args:
+        codes: (I, G, K) teacher codes (rows sum to 1) of the G global crops of I images.
+        student: (I, V, K) student CLS scores of all V ≥ G crops, globals first (same order).
+    Returns the cross-entropy averaged over images, target crops and predicting crops."""
+    if codes.ndim != 3 or student.ndim != 3:
+        raise ValueError(
+            f"codes and student must be (I, crops, K), got {tuple(codes.shape)}, {tuple(student.shape)}"
+        )
+    i, g, k = codes.shape
+    if student.shape[0] != i or student.shape[2] != k or student.shape[1] < max(g, 2):
+        raise ValueError(f"student scores {tuple(student.shape)} do not fit codes {tuple(codes.shape)}")
+    v = student.shape[1]
+    log_p = torch.log_softmax(student.float() / temperature, dim=-1)  # (I, V, K)
+    ce = -(codes.detach().float()[:, :, None, :] * log_p[:, None, :, :]).sum(-1)  # (I, G, V)
+    off_diag = torch.ones(g, v, dtype=torch.bool, device=ce.device)
+    off_diag[torch.arange(g), torch.arange(g)] = False  # a crop never predicts its own code
+    return ce[:, off_diag].mean()
+
+
+def pair_cls_loss(codes: torch.Tensor, student: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """Args:
+        codes: (2B, G, K) teacher codes of the global crops; rows 0..B-1 anchors, B+b the partner of b.
+        student: (2B, G, K) student CLS scores of the same crops.
+    Returns the cross-entropy of each image's crops against its pair's codes, over all G×G crop pairs."""
+    if codes.shape != student.shape or codes.ndim != 3 or codes.shape[0] % 2:
+        raise ValueError(
+            f"codes and student must both be (2B, G, K), got {tuple(codes.shape)}, {tuple(student.shape)}"
+        )
+    b = codes.shape[0] // 2
+    target = torch.cat([codes[b:], codes[:b]]).detach().float()  # the partner's codes for each image
+    log_q = torch.log_softmax(student.float() / temperature, dim=-1)
+    return -(target[:, :, None, :] * log_q[:, None, :, :]).sum(-1).mean()
