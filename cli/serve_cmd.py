@@ -1,6 +1,6 @@
 """`cotap serve`: run the inference server. Every flag mirrors a server setting (environment
 variable `COTAP_<NAME>`); flags win over the environment. With no `--model` it serves the embedded
-default (an untrained placeholder until a trained one replaces it)."""
+default (`server/default_model/`, see its MODEL_CARD.md)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from cotap.core.bundle import Bundle
 
@@ -21,8 +21,25 @@ OUTPUT_NAMES = ("patch", "cls", "assign")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
+class _Record:
+    """JSON round-trip of a record: sizes as lists of [height, width], unknown keys ignored."""
+
+    sizes: tuple[tuple[int, int], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]
+        d["sizes"] = [list(s) for s in self.sizes]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}  # type: ignore[attr-defined]
+        known["sizes"] = tuple((int(h), int(w)) for h, w in d["sizes"])
+        return cls(**known)
+
+
 @dataclass(frozen=True)
-class OnnxArtifact:
+class OnnxArtifact(_Record):
     """One ONNX model file in the bundle and the sizes, batch range and accuracy it was checked at."""
 
     file: str
@@ -35,20 +52,9 @@ class OnnxArtifact:
     forced: bool = False  # written although its gate failed
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["sizes"] = [list(s) for s in self.sizes]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> OnnxArtifact:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["sizes"] = tuple((int(h), int(w)) for h, w in d["sizes"])
-        return cls(**known)
-
 
 @dataclass(frozen=True)
-class EngineArtifact:
+class EngineArtifact(_Record):
     """One TensorRT engine, tied to the GPU and TensorRT version it was built with."""
 
     file: str
@@ -66,17 +72,6 @@ class EngineArtifact:
     gate: dict[str, Any] = field(default_factory=dict)
     forced: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["sizes"] = [list(s) for s in self.sizes]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> EngineArtifact:
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["sizes"] = tuple((int(h), int(w)) for h, w in d["sizes"])
-        return cls(**known)
 
 
 def onnx_artifacts(bundle: Bundle) -> list[OnnxArtifact]:

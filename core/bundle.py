@@ -295,7 +295,7 @@ def write_bundle(
             "schema_version": SCHEMA_VERSION,
             "format": FORMAT,
             "producer": {"name": "cotap", "version": __version__},
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "files": _entries(tmp, [CONFIG, *files]),
             "source": dict(source or {}),
             "build": dict(build or {}),

@@ -8,6 +8,7 @@ Every failure is an `ImageDecodeError` carrying the wire error code, so that cal
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -39,6 +40,14 @@ class DecodeLimits:
     max_bytes: int = 32 * 1024 * 1024
 
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _clean(error: Exception) -> str:
+    """An exception's message without object reprs (`<_io.BytesIO object at 0x...>`)."""
+    return _OBJECT_REPR.sub("", str(error)) or type(error).__name__
+
+
 def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty image (zero bytes)")
@@ -54,8 +63,10 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
         raise ImageDecodeError(str(e), ErrorCode.IMAGE_TOO_LARGE) from e
     except Image.DecompressionBombWarning as e:
         raise ImageDecodeError(str(e), ErrorCode.IMAGE_TOO_LARGE) from e
-    except Exception as e:  # UnidentifiedImageError, SyntaxError, struct errors from broken headers
-        raise ImageDecodeError(f"not a decodable image: {e}") from e
+    except Image.UnidentifiedImageError as e:  # its message holds the BytesIO repr: not for clients
+        raise ImageDecodeError("not a decodable image: cannot identify image file") from e
+    except Exception as e:  # SyntaxError, struct errors from broken headers
+        raise ImageDecodeError(f"not a decodable image: {_clean(e)}") from e
     if image.format not in ALLOWED_FORMATS:
         raise ImageDecodeError(
             f"image format {image.format} is not accepted; send JPEG, PNG or WebP",
@@ -114,7 +125,7 @@ def decode_image(
     except ImageDecodeError:
         raise
     except Exception as e:  # truncated data, corrupt chunks, bad palettes
-        raise ImageDecodeError(f"image could not be decoded: {e}") from e
+        raise ImageDecodeError(f"image could not be decoded: {_clean(e)}") from e
 
 
 def load_pixels(

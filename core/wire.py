@@ -5,7 +5,7 @@ Server and client both read these, so that a rename cannot drift between the two
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 # Model outputs (DESIGN.md, "The model contract").
 PATCH = "patch"  # (N, h, w, C)
@@ -41,7 +41,7 @@ BUNDLE_HASH_HEADER = "x-bundle-sha256"
 MODEL_HEADER = "x-model"
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Error codes of the envelope `{"error": {"code", "message", "request_id"}}` and their statuses."""
 
     BAD_IMAGE = "bad_image"

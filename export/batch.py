@@ -311,7 +311,7 @@ def export_batch(
     manifest = {
         "format": BATCH_FORMAT,
         "producer": {"name": "cotap", "version": __version__},
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "bundle": {
             "source": str(source.path.resolve()),
             "name": source.config.name,

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from cotap.core.wire import ERROR_MEDIA_TYPE, ErrorCode
+from cotap.core.wire import ERROR_MEDIA_TYPE, JSON_MEDIA_TYPE, ErrorCode
 
 
 class ServerError(Exception):
@@ -112,3 +112,102 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerError, server_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    _document_errors(app)
+
+
+# -- the errors in the OpenAPI description -----------------------------------------------------------
+# Without this, FastAPI documents only 200 and its own 422 `{"detail": [...]}`, so schema-driven
+# clients and fuzzers (schemathesis) see neither the envelope nor the statuses the routes answer.
+_ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "request_id"],
+            "properties": {
+                "code": {"type": "string", "enum": [c.value for c in ErrorCode]},
+                "message": {"type": "string"},
+                "request_id": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_WHEN = {
+    400: "an image cannot be decoded, or bad base64 (bad_image)",
+    401: "API key set and missing or wrong (unauthorized)",
+    404: "unknown model= (model_not_found)",
+    413: "body, images, parts or JSON answer over a limit (payload_too_large), image over max_pixels "
+    "(image_too_large)",
+    415: "body neither multipart nor JSON, or image not JPEG/PNG/WebP (unsupported_media_type)",
+    422: "bad or unknown option, malformed body, no images (invalid_parameters)",
+    429: "the queue cannot take the request's images now (queue_full); see Retry-After",
+    500: "the backend failed on this request's batch (internal)",
+    503: "models loading or failed, or draining (not_ready); see Retry-After",
+    504: "no answer within deadline_ms (deadline_exceeded)",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+_INFERENCE_ERRORS = (400, 401, 404, 413, 415, 422, 429, 500, 503, 504)
+_ROUTE_ERRORS = {"/v1/models": (401, 500, 503), "/metrics": (401, 500)}
+_JSON_ANSWER = {  # named tensors as nested lists, plus "__metadata__"
+    "type": "object",
+    "properties": {"__metadata__": {"type": "object"}},
+    "additionalProperties": {"type": "array"},
+}
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": _WHEN[status],
+        "content": {ERROR_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
+    }
+    if status in (429, 503):
+        out["headers"] = _RETRY_AFTER
+    return out
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Make `app.openapi()` document every route's error statuses with the envelope schema."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = base()  # cached by FastAPI in app.openapi_schema; completed here in place
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorEnvelope"] = _ENVELOPE_SCHEMA
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for path, operations in schema.get("paths", {}).items():
+            for method, op in operations.items():
+                responses = op.setdefault("responses", {})
+                if path.startswith("/v1/") and method == "post":
+                    statuses: tuple[int, ...] = _INFERENCE_ERRORS
+                    ok = responses.setdefault("200", {"description": "named tensors"})
+                    ok.setdefault("content", {})[JSON_MEDIA_TYPE] = {"schema": _JSON_ANSWER}
+                else:
+                    statuses = _ROUTE_ERRORS.get(path, ())
+                responses.pop("422", None)
+                for status in statuses:
+                    responses[str(status)] = _error_response(status)
+        scrape = schema.get("paths", {}).get("/metrics", {}).get("get")
+        if scrape is not None:
+            scrape["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        ready = schema.get("paths", {}).get("/health/ready", {}).get("get")
+        if ready is not None:
+            ready["responses"]["503"] = {
+                "description": "starting, failed or draining",
+                "headers": _RETRY_AFTER,
+                "content": {
+                    JSON_MEDIA_TYPE: {
+                        "schema": {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"type": "string"}, "error": {"type": "string"}},
+                        }
+                    }
+                },
+            }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

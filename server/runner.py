@@ -16,6 +16,7 @@ import uvicorn
 
 from cotap.server.app import create_app
 from cotap.server.logs import configure_logging
+from cotap.server.protocol import MAX_HEADER_BYTES, http_protocol
 from cotap.server.settings import Settings
 from cotap.server.state import ServerState
 
@@ -74,6 +75,8 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         server_header=False,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        http=http_protocol(),  # request line + headers bounded (431 beyond MAX_HEADER_BYTES)
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     server = DrainingServer(config, state)
     exit_code = 0

@@ -126,6 +126,7 @@ class Scheduler:
         self._closed = False
         self._admitted = 0  # inference requests between admission and their answer
         self._active = 0  # submitted jobs not yet answered
+        self._decoding = 0  # images being decoded, reserved in the queue (`reserve`)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -175,6 +176,34 @@ class Scheduler:
             self._admitted -= 1
             self._cond.notify_all()
 
+    def reserve(self, n: int) -> None:
+        """Hold room for `n` images before they are decoded, or refuse at once (429): images being
+        decoded count towards `max_queue`, so an overload cannot pile unbounded decoding work (and
+        latency) in front of the queue. `release(n)` once decoded, right before `submit`."""
+        with self._cond:
+            if self._depth + self._decoding + n > self.max_queue:
+                raise self._queue_full(n)
+            self._decoding += n
+
+    def check_room(self, n: int = 1) -> None:
+        """Refuse at once (429) when the queue cannot take `n` more images now (used before a
+        request's body is even read)."""
+        with self._cond:
+            if self._depth + self._decoding + n > self.max_queue:
+                raise self._queue_full(n)
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._decoding -= n
+
+    def _queue_full(self, n: int) -> ServerError:
+        return ServerError(
+            ErrorCode.QUEUE_FULL,
+            f"the queue is full ({self._depth} of {self.max_queue} images waiting, {self._decoding} being "
+            f"decoded, this request has {n}); retry after {self.retry_after_s} s",
+            headers={"Retry-After": str(self.retry_after_s)},
+        )
+
     def _job_done(self) -> None:
         with self._cond:
             self._active -= 1
@@ -186,12 +215,7 @@ class Scheduler:
             if self._closed:
                 raise ServerError(ErrorCode.NOT_READY, "the server is shutting down")
             if self._depth + n > self.max_queue:
-                raise ServerError(
-                    ErrorCode.QUEUE_FULL,
-                    f"the queue is full ({self._depth} of {self.max_queue} images waiting, this request "
-                    f"has {n}); retry after {self.retry_after_s} s",
-                    headers={"Retry-After": str(self.retry_after_s)},
-                )
+                raise self._queue_full(n)
             job.t_enqueue = time.monotonic()
             job.on_done = self._job_done
             self._active += 1

@@ -81,7 +81,7 @@ class ServerState:
         assert self._ready_event is not None, "the app has not started (enter its lifespan first)"
         try:
             await asyncio.wait_for(self._ready_event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return self.ready
 
@@ -100,7 +100,7 @@ class ServerState:
         if self._loader is not None and not self._loader.done():
             try:  # a loading thread cannot be interrupted; give it a bounded wait
                 await asyncio.wait_for(asyncio.shield(self._loader), self.settings.drain_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("shutting down while models are still loading")
         await asyncio.to_thread(self.scheduler.stop, self.settings.drain_timeout_s)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

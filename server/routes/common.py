@@ -40,15 +40,15 @@ from cotap.server.state import ServerState
 # Every inference route documents both request forms in OpenAPI (the body is parsed by hand so
 # that limits apply before anything is buffered or decoded).
 _INLINE_ENCODE_BYTES = 4 * 1024 * 1024  # safetensors up to this size: a memcpy, cheaper than a thread hop
-_B64_LIST = {"type": "array", "items": {"type": "string", "format": "byte"}}
+_B64_LIST = {"type": "array", "items": {"type": "string", "format": "byte"}, "minItems": 1}
 
 
 def openapi_body(kind: PayloadKind) -> dict[str, Any]:
+    binary = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
     if kind == "images":
-        multipart = {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+        multipart = {"image": binary}
         json_body = {"images": _B64_LIST}
     else:
-        binary = {"type": "array", "items": {"type": "string", "format": "binary"}}
         multipart = {"source": binary, "target": binary}
         pair = {
             "type": "object",
@@ -56,17 +56,22 @@ def openapi_body(kind: PayloadKind) -> dict[str, Any]:
                 "source": {"type": "string", "format": "byte"},
                 "target": {"type": "string", "format": "byte"},
             },
+            "required": ["source", "target"],
+            "additionalProperties": False,
         }
-        json_body = {"pairs": {"type": "array", "items": pair}}
+        json_body = {"pairs": {"type": "array", "items": pair, "minItems": 1}}
     return {
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {"schema": {"type": "object", "properties": multipart}},
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": multipart, "required": list(multipart)}
+                },
                 "application/json": {
                     "schema": {
                         "type": "object",
                         "properties": json_body,
+                        "required": list(json_body),
                         "description": "options may also be given here, as in the query",
                     }
                 },
@@ -156,6 +161,7 @@ async def run_inference(
     scheduler = state.scheduler
     scheduler.expect()
     try:
+        scheduler.check_room(1)  # a full queue refuses before the body is read or parsed
         body = await read_body(request, settings.max_body_bytes)
         payload = await parse_payload(request, body, kind, settings.max_parts, settings.max_json_depth)
         del body
@@ -172,13 +178,23 @@ async def run_inference(
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"{n} images in one request; the limit is {settings.max_images_per_request}",
             )
+        if n > settings.max_queue:  # could never be queued: a retryable 429 would loop forever
+            raise ServerError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"{n} images in one request; the queue holds at most {settings.max_queue} "
+                "(max_queue): split the request",
+            )
         labels = (
             [f"image {i}" for i in range(n)]
             if kind == "images"
             else [f"pair {i // 2} {'source' if i % 2 == 0 else 'target'}" for i in range(n)]
         )
+        scheduler.reserve(n)  # 429 now, before decoding, when the queue cannot take n more images
         t_decode = time.monotonic()
-        pixels, originals = await _decode(state, model, payload, labels)
+        try:
+            pixels, originals = await _decode(state, model, payload, labels)
+        finally:
+            scheduler.release(n)  # submit (below, no await in between) queues them or refuses
         decode_s = time.monotonic() - t_decode
         del payload
         supported = model.backend.sizes

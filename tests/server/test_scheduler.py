@@ -216,9 +216,9 @@ def test_create_app_defaults_to_the_embedded_model() -> None:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
                 m = (await c.get("/v1/models")).json()["models"][0]
                 assert (
-                    m["name"] == "default" and m["arch"] == "cotap_micro8" and m["input_sizes"] == [[64, 64]]
+                    m["name"] == "default" and m["arch"] == "cotap_micro8" and m["input_sizes"] == [[96, 96]]
                 )
                 r = await c.post("/v1/embed", files=image_parts([jpeg(80, 60)]))
-                assert r.status_code == 200 and r.json()["__metadata__"]["grid"] == [8, 8]
+                assert r.status_code == 200 and r.json()["__metadata__"]["grid"] == [12, 12]
 
     run(body())

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from cotap.training.eval.datasets import EvalDataset
 from cotap.training.preprocess import normalize_tensor, resize_to
 
 CACHE_VERSION = "1"
+log = logging.getLogger(__name__)
 
 
 class FrozenModel:
@@ -76,7 +79,8 @@ class FrozenModel:
             "source_sha256": loaded.source_sha256,
             "prototypes_initialized": loaded.prototypes_initialized,
         }
-        return cls(loaded.model, mean, std, device, name, loaded.source_sha256, info)
+        # the cache key hashes the weights themselves: one file can hold a student and a teacher
+        return cls(loaded.model, mean, std, device, name, None, info)
 
     def preprocess(self, size: tuple[int, int]) -> PreprocessConfig:
         return PreprocessConfig(
@@ -85,7 +89,7 @@ class FrozenModel:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the weights (the checkpoint's sha256, else a hash of the state dict)."""
+        """Identifies the weights: sha256 of the state dict (unless given at construction)."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             for k, v in sorted(self.model.state_dict().items()):
@@ -241,7 +245,10 @@ def extract_features(
     key = _cache_key(fm, data, config, size) if cache_dir is not None else None
     path = Path(cache_dir) / f"features-{key}.safetensors" if key and cache_dir is not None else None
     if path is not None and path.is_file():
-        return _load(path, size, fm.patch_size, config.keep_images)
+        try:
+            return _load(path, size, fm.patch_size, config.keep_images)
+        except Exception as e:  # a damaged cache file is recomputed (and rewritten), never trusted
+            log.warning("ignoring unreadable feature cache %s: %s", path, e)
 
     n = len(data)
     if n == 0:
@@ -298,7 +305,7 @@ def extract_features(
             tensors["masks"] = feats.masks
         if feats.labels is not None:
             tensors["labels"] = feats.labels
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent runs
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key or ""})
         tmp.replace(path)
     return feats

@@ -53,10 +53,10 @@ def run_knn(
     out: dict[str, Any] = {}
     for k in config.ks:
         scores = knn_scores(train, train_labels, val, k, num_classes, config.temperature, config.chunk)
-        out[f"top1@k{k}"] = float((scores.argmax(1) == val_labels).float().mean())
+        out[f"top1@k{k}"] = float((scores.argmax(1) == val_labels).double().mean())
         if num_classes > 5:
             top5 = scores.topk(5, dim=1).indices
-            out[f"top5@k{k}"] = float((top5 == val_labels[:, None]).any(1).float().mean())
+            out[f"top5@k{k}"] = float((top5 == val_labels[:, None]).any(1).double().mean())
     out["train_images"] = int(train.shape[0])
     out["val_images"] = int(val.shape[0])
     return out

@@ -102,11 +102,15 @@ def render_html(results: dict[str, Any], figures: list[Figure], title: str) -> s
             )
     parts.append("</p>")
     for name, res in results.get("results", {}).items():
-        parts.append(f"<h2>{html.escape(name)}</h2><table><tr><th>metric</th><th>value</th></tr>")
+        std = dict(_rows("", res.get("std", {})))
+        seeds = f" (mean ± std over seeds {res['seeds']})" if "seeds" in res else ""
+        parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(seeds)}</p>")
+        parts.append("<table><tr><th>metric</th><th>value</th>" + ("<th>std</th>" if std else "") + "</tr>")
         for k, v in _rows("", res.get("metrics", {})):
-            if ".per_class_iou." in f".{k}" and not k.endswith("miou"):
+            if ".per_class_iou." in f".{k}":
                 continue
-            parts.append(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>")
+            extra = f"<td>{std.get(k, '')}</td>" if std else ""
+            parts.append(f"<tr><td>{html.escape(k)}</td><td>{v}</td>{extra}</tr>")
         parts.append("</table>")
         timing = res.get("timing_s", {})
         if timing:

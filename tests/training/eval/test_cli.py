@@ -30,7 +30,7 @@ def test_eval_linear_writes_json_and_report(
 ) -> None:
     report, out = tmp_path / "report", tmp_path / "out.json"
     argv = ["eval", "linear", "--model", str(bundle), "--data", "synthetic:40:0:32", "--val-data",
-            "synthetic:16:1:32", "--report", str(report), "--json", str(out), "--quiet"]  # fmt: skip
+            "synthetic:16:1:32", "--samples", "320", "--report", str(report), "--json", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     results = json.loads(out.read_text())
@@ -39,6 +39,7 @@ def test_eval_linear_writes_json_and_report(
     assert results["model"]["name"] == "tiny" and results["model"]["layout"] == "bundle"
     assert results["data"]["train"]["size"] == 40 and results["data"]["val"]["size"] == 16
     assert results["config"]["linear"]["seed"] == 0 and results["data"]["num_classes"] == 14
+    assert results["results"]["linear"]["metrics"]["steps"] == 20
     for name in ("index.html", "features.png", "predictions_linear.png", "results.json"):
         assert (report / name).is_file(), name
     assert "predictions_linear.png" in (report / "index.html").read_text()
@@ -68,3 +69,25 @@ def test_eval_errors_are_clear(bundle: Path, capsys: pytest.CaptureFixture[str])
     assert main(["eval", "linear", "--model", str(bundle), "--data", "synthetic:4:0:32", "--size", "36"]) == 2
     assert "patch size" in capsys.readouterr().err
     assert main(["eval", "linear", "--model", "/nonexistent", "--data", "synthetic:4:0:32"]) == 2
+
+
+def test_config_file_and_round_trip(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cotap.training.eval import EvalConfig, config_from_dict
+    from cotap.training.eval.protocols import mean_std
+
+    cfg = EvalConfig()
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        config_from_dict({"linear": {"epochs": 3}})
+    mean, std = mean_std([{"miou": 0.2, "m": "x", "k": {"a": 1.0}}, {"miou": 0.4, "m": "x", "k": {"a": 3.0}}])
+    assert mean == {"miou": pytest.approx(0.3), "m": "x", "k": {"a": 2.0}}
+    assert std["miou"] == pytest.approx(0.1414213, rel=1e-5) and std["k"]["a"] == pytest.approx(1.4142135)
+
+    (tmp_path / "eval.yaml").write_text("eval:\n  linear:\n    samples: 32\n  knn:\n    ks: [3]\n")
+    argv = ["eval", "linear,knn", "--model", str(bundle), "--data", "synthetic:12:0:32", "--config",
+            str(tmp_path / "eval.yaml"), "--json", str(tmp_path / "c.json"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["config"]["linear"]["samples"] == 32 and res["config"]["knn"]["ks"] == [3]
+    assert res["results"]["linear"]["metrics"]["steps"] == 2 and "top1@k3" in res["results"]["knn"]["metrics"]
+    assert res["data"]["train"]["size"] + res["data"]["val"]["size"] == 12  # split 80/20

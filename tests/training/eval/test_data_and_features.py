@@ -123,3 +123,18 @@ def test_bad_sizes_are_errors() -> None:
     data = from_arrays(np.zeros((1, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="multiples of the patch size"):
         extract_features(build_model("cotap_test"), data, FeatureConfig(size=(30, 32), progress=False))
+
+
+def test_cache_tells_student_from_teacher_and_survives_damage(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    a, b = build_model("cotap_test").eval(), build_model("cotap_test").eval()
+    data = open_eval_data("synthetic:2:0:32")
+    cfg = FeatureConfig(progress=False)
+    fa = extract_features(a, data, cfg, cache_dir=tmp_path)
+    fb = extract_features(b, data, cfg, cache_dir=tmp_path)
+    assert not torch.equal(fa.patch, fb.patch) and len(list(tmp_path.glob("*.safetensors"))) == 2
+    for f in tmp_path.glob("*.safetensors"):
+        f.write_bytes(b"damaged")
+    again = extract_features(a, data, cfg, cache_dir=tmp_path)
+    assert torch.equal(again.patch, fa.patch)
+    assert not list(tmp_path.glob("*.tmp"))

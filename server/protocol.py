@@ -1,0 +1,77 @@
+"""The HTTP/1.1 protocol `cotap serve` runs: uvicorn's, with a bound on the request line and headers.
+
+uvicorn's httptools protocol buffers a request's line and headers without any limit (an 8 MB
+header was accepted), so one client could make the server hold any amount of memory before the
+app sees the request. Here bytes received while a request's headers are incomplete are counted,
+and past `MAX_HEADER_BYTES` the connection gets 431 with the error envelope and is closed. With
+the pure-Python h11 protocol (when httptools is missing) h11's own incomplete-event limit applies.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from cotap.core.wire import ERROR_MEDIA_TYPE, ErrorCode
+from cotap.server.errors import envelope_bytes
+
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; nginx's default buffers hold 4 x 8 KiB
+
+
+def http_protocol() -> Any:
+    """The protocol class for `uvicorn.Config(http=...)`: bounded httptools, else "h11"."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: h11 bounds headers itself (h11_max_incomplete_event_size)
+        return "h11"
+
+    class BoundedHeadersProtocol(HttpToolsProtocol):
+        """Refuses (431) a request whose line and headers exceed `MAX_HEADER_BYTES`.
+
+        Only reads that end with the headers still incomplete are counted, and not the read in
+        which the request began (its start may hold the end of an earlier pipelined request), so
+        no request under the limit is ever refused; one over it is held to the limit plus one read.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._in_head = False  # a request has begun and its headers are not complete
+            self._began_in_read = False
+            self._head_bytes = 0
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
+            self._began_in_read = True
+            self._head_bytes = 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            self._began_in_read = False
+            super().data_received(data)
+            if not self._in_head or self._began_in_read or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._refuse()
+
+        def _refuse(self) -> None:
+            body = envelope_bytes(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
+                uuid.uuid4().hex,
+            )
+            head = (
+                "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                f"content-type: {ERROR_MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n"
+            )
+            self.logger.warning("request headers over %d bytes refused (431)", MAX_HEADER_BYTES)
+            self.transport.write(head.encode("ascii") + body)
+            self.transport.close()
+            self._in_head = False
+
+    return BoundedHeadersProtocol
