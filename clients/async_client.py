@@ -126,14 +126,7 @@ class AsyncClient:
             try:
                 response = await self._http.request(method, path, params=params, files=files, headers=headers)
             except httpx.TransportError as e:
-                if isinstance(e, httpx.TimeoutException):
-                    t.stats.add(errors=1)
-                    raise t.failure(e, self.url) from e
-                wait = t.should_retry(attempts, None)
-                if wait is None:
-                    t.stats.add(errors=1)
-                    raise t.failure(e, self.url) from e
-                await asyncio.sleep(wait)
+                await asyncio.sleep(t.wait_after_failure(attempts, e, self.url))
                 continue
             wait = t.should_retry(attempts, response)
             if wait is None:

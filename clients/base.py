@@ -176,6 +176,16 @@ class Transport:
             )
         return response
 
+    def wait_after_failure(self, attempts: Attempts, e: httpx.TransportError, url: str) -> float:
+        """Seconds to wait before retrying a request whose connection failed; raises the mapped
+        `CotapError` when it must not be retried (timeouts never are; see `RetryPolicy`)."""
+        if not isinstance(e, httpx.TimeoutException):
+            wait = self.should_retry(attempts, None)
+            if wait is not None:
+                return wait
+        self.stats.add(errors=1)
+        raise self.failure(e, url) from e
+
     def should_retry(self, attempts: Attempts, response: httpx.Response | None) -> float | None:
         """Seconds to wait before retrying this outcome (a response, or None for a connection that
         failed), or None to stop."""

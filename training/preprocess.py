@@ -26,7 +26,7 @@ def _bicubic(x: torch.Tensor) -> torch.Tensor:
 
 def resize_weights(in_size: int, out_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(out_size, in_size) matrix of Pillow's normalised bicubic coefficients for one axis."""
-    return _resize_weights(in_size, out_size).to(dtype)
+    return _resize_weights(in_size, out_size).to(dtype, copy=True)  # never hand out the cached tensor
 
 
 @functools.lru_cache(maxsize=512)
