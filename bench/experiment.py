@@ -3,8 +3,8 @@
 One command runs (or resumes) the whole table; every stage is skipped when its output exists and
 an interrupted training run continues from its last checkpoint:
 
-1. `pretrain`: cotap_micro8 from scratch with the image-level CLS losses only
-   (`configs/exp-pretrain.yaml`), the stand-in for the DINO initialisation;
+1. `pretrain`: cotap_micro8 from scratch with an image-level loss only (the CLS InfoNCE,
+   `configs/exp-pretrain.yaml`), the stand-in for the DINO initialisation;
 2. `init`: the pre-training teacher as a backbone-only `cotap-train-v1` file, once with the
    object-aware filter (`runs/exp/init/filter.pt`) and once with `use_filter: false`
    (`nofilter.pt`, the plain-ViT features a DINO checkpoint gives), and the k = 7 CLS
@@ -75,17 +75,38 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant("l1", "L1 instead of CoTAP", ("loss.patch_intra_mode=l1",)),
     Variant("nonn", "no NN pairs", ("data.knn=null",), ("init/filter.pt",)),
-    # Not an ablation: the full method at 5x the post-training lr, to test "too little change".
-    Variant("cotap-lr5e-4", "+CoTAP, lr 5e-4 (extra)", ("optim.lr=5e-4",)),
+    # Experiment B: the same post-training from a semantic initialisation (a backbone trained for a
+    # few steps with dense labels, `supervised_reference.py --steps 200`): does CoTAP concentrate
+    # class information that the teacher's patch similarities already carry?
+    Variant(
+        "weak-cotap",
+        "B: weak init +CoTAP (full)",
+        ("model.init=runs/exp/init/weak-filter.pt", "data.knn=runs/exp/nns_weak_k7_96.npz"),
+        ("init/weak-filter.pt", "nns_weak_k7_96.npz"),
+    ),
+    Variant(
+        "weak-l1",
+        "B: weak init + L1 instead of CoTAP",
+        (
+            "model.init=runs/exp/init/weak-filter.pt",
+            "data.knn=runs/exp/nns_weak_k7_96.npz",
+            "loss.patch_intra_mode=l1",
+        ),
+        ("init/weak-filter.pt", "nns_weak_k7_96.npz"),
+    ),
 )
 
 # Evaluated models: name -> (label, model path relative to ROOT, extra eval args).
+TEACHER = ("--which", "teacher")
 MODELS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "random": ("random-init ViT (reference)", "runs/exp/init/random.pt", ("--which", "teacher")),
-    "init": ("init (plain ViT features, as DINO)", "runs/exp/init/nofilter.pt", ("--which", "teacher")),
-    "init-filter": ("init + untrained filter", "runs/exp/init/filter.pt", ("--which", "teacher")),
+    "supervised": ("supervised dense reference (labels, 1500 steps)", "runs/exp/init/supervised.pt", TEACHER),
+    "random": ("random-init ViT (reference)", "runs/exp/init/random.pt", TEACHER),
+    "init": ("init: CLS InfoNCE from scratch (plain ViT features)", "runs/exp/init/nofilter.pt", TEACHER),
+    "init-filter": ("init + untrained filter", "runs/exp/init/filter.pt", TEACHER),
+    "weak": ("B: weak init (dense labels, 200 steps; plain ViT features)", "runs/exp/init/weak.pt", TEACHER),
     **{v.name: (v.label, f"runs/exp/{v.name}/bundle", ()) for v in VARIANTS},
 }
+REFERENCE_MODELS = ("supervised", "random", "init", "init-filter", "weak")
 PROTOCOLS = ("linear", "retrieval", "overcluster", "correspondence", "knn")
 HEADLINE = {
     "linear": ("miou",),
@@ -171,26 +192,49 @@ def make_init_files() -> None:
     log(f"wrote {init_dir.relative_to(ROOT)}/filter.pt and nofilter.pt from step {ckpt['step']}")
 
 
-def make_knn() -> None:
-    if KNN_FILE.exists():
+def make_knn(checkpoint: str = "runs/exp/init/filter.pt", out: Path = KNN_FILE) -> None:
+    if out.exists():
         return
-    run(
-        cotap(
-            "train",
-            "knn",
-            "--data",
-            TRAIN_SPEC,
-            "--checkpoint",
-            "runs/exp/init/filter.pt",
-            "--k",
-            "7",
-            "--size",
-            "96",
-            "--out",
-            str(KNN_FILE.relative_to(ROOT)),
-        ),
-        RUNS / "knn.log",
+    rel = str(out.relative_to(ROOT))
+    cmd = cotap(
+        "train",
+        "knn",
+        "--data",
+        TRAIN_SPEC,
+        "--checkpoint",
+        checkpoint,
+        "--k",
+        "7",
+        "--size",
+        "96",
+        "--out",
+        rel,
     )
+    run(cmd, out.with_suffix(".log"))
+
+
+def supervised(out: Path, steps: int) -> None:
+    """`bench/supervised_reference.py --target dense` (one torch thread), skipped when `out` exists."""
+    if out.exists():
+        return
+    cmd = [PYTHON, "bench/supervised_reference.py", "--target", "dense", "--steps", str(steps)]
+    run([*cmd, "--threads", "1", "--out", str(out.relative_to(ROOT))], out.with_suffix(".log"))
+
+
+def make_weak_init() -> None:
+    """Experiment B's initialisation: 200 steps of dense labels, with and without the filter, and
+    its k = 7 neighbour file."""
+    import torch
+
+    weak = RUNS / "init" / "weak.pt"
+    supervised(weak, 200)
+    dst = RUNS / "init" / "weak-filter.pt"
+    if not dst.exists():
+        ckpt = torch.load(weak, map_location="cpu", weights_only=False)
+        ckpt["model_config"] = dict(ckpt["model_config"], use_filter=True)
+        ckpt["init"] += "; use_filter=True"
+        torch.save(ckpt, dst)
+    make_knn("runs/exp/init/weak-filter.pt", RUNS / "nns_weak_k7_96.npz")
 
 
 def eval_jobs(models: Sequence[str]) -> list[tuple[str, str, int]]:
@@ -394,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         train("configs/exp-pretrain.yaml", RUNS / "pretrain")
         make_init_files()
         make_knn()
+        supervised(RUNS / "init" / "supervised.pt", 1500)
+        make_weak_init()
     if args.only == "init":
         return
     if args.only == "default":
@@ -403,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.only in (None, "eval"):
         # The init rows need no post-training: they start while the variants train.
         pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
-        futures = [pool.submit(evaluate, *j) for j in eval_jobs(["init", "init-filter", "random"])]
+        futures = [pool.submit(evaluate, *j) for j in eval_jobs(REFERENCE_MODELS)]
     else:
         pool, futures = ThreadPoolExecutor(max_workers=max(1, args.jobs)), []
     if args.only in (None, "train"):

@@ -122,6 +122,12 @@ class DeadlineExceeded(CotapError):
     code = ErrorCode.DEADLINE_EXCEEDED.value
 
 
+class RequestTimeout(CotapError):
+    """408: the request body reached the server too slowly (its `body_timeout_s`)."""
+
+    code = ErrorCode.REQUEST_TIMEOUT.value
+
+
 class ServerError(CotapError):
     """500 (or any other unexpected status): a fault on the server's side."""
 
@@ -154,6 +160,7 @@ _BY_CODE: dict[str, type[CotapError]] = {
         QueueFull,
         NotReady,
         DeadlineExceeded,
+        RequestTimeout,
         ServerError,
     )
 }
@@ -161,6 +168,7 @@ _BY_STATUS: dict[int, type[CotapError]] = {
     400: BadImage,
     401: Unauthorized,
     404: NotFound,
+    408: RequestTimeout,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     422: InvalidParameters,

@@ -55,6 +55,7 @@ class ErrorCode(StrEnum):
     QUEUE_FULL = "queue_full"
     NOT_READY = "not_ready"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    REQUEST_TIMEOUT = "request_timeout"
     INTERNAL = "internal"
 
     @property
@@ -74,5 +75,6 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.QUEUE_FULL: 429,
     ErrorCode.NOT_READY: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.INTERNAL: 500,
 }

@@ -4,6 +4,7 @@ responses as safetensors (named tensors plus string metadata) or JSON (the same 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -40,8 +41,20 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `max_bytes`, and with 408
+    when it has not all arrived `timeout_s` after the call (a trickling client holds no more)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, max_bytes)
+    except TimeoutError as e:
+        raise ServerError(
+            ErrorCode.REQUEST_TIMEOUT,
+            f"the request body did not arrive within {timeout_s:g} s (body_timeout_s)",
+        ) from e
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:

@@ -67,6 +67,7 @@ _HTTP_CODES = {
     400: ErrorCode.BAD_IMAGE,
     401: ErrorCode.UNAUTHORIZED,
     404: ErrorCode.NOT_FOUND,
+    408: ErrorCode.REQUEST_TIMEOUT,
     413: ErrorCode.PAYLOAD_TOO_LARGE,
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     422: ErrorCode.INVALID_PARAMETERS,
@@ -137,17 +138,19 @@ _WHEN = {
     400: "an image cannot be decoded, or bad base64 (bad_image)",
     401: "API key set and missing or wrong (unauthorized)",
     404: "unknown model= (model_not_found)",
+    408: "the request body did not arrive within body_timeout_s (request_timeout)",
     413: "body, images, parts or JSON answer over a limit (payload_too_large), image over max_pixels "
     "(image_too_large)",
     415: "body neither multipart nor JSON, or image not JPEG/PNG/WebP (unsupported_media_type)",
     422: "bad or unknown option, malformed body, no images (invalid_parameters)",
-    429: "the queue cannot take the request's images now (queue_full); see Retry-After",
+    429: "the queue cannot take the request's images now, or max_uploads bodies are being received "
+    "(queue_full); see Retry-After",
     500: "the backend failed on this request's batch (internal)",
     503: "models loading or failed, or draining (not_ready); see Retry-After",
     504: "no answer within deadline_ms (deadline_exceeded)",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
-_INFERENCE_ERRORS = (400, 401, 404, 413, 415, 422, 429, 500, 503, 504)
+_INFERENCE_ERRORS = (400, 401, 404, 408, 413, 415, 422, 429, 500, 503, 504)
 _ROUTE_ERRORS = {"/v1/models": (401, 500, 503), "/metrics": (401, 500)}
 _JSON_ANSWER = {  # named tensors as nested lists, plus "__metadata__"
     "type": "object",

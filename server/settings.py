@@ -64,13 +64,23 @@ class Settings(BaseSettings):
 
     # -- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body (413 beyond)")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="time to receive a whole request body (408 beyond): slow uploads end"
+    )
+    max_uploads: int = Field(
+        32,
+        ge=1,
+        description="request bodies received at once (429 beyond); memory held <= this x max_body_bytes",
+    )
     max_images_per_request: int = Field(
         64, ge=1, description="images per request (a correspondence pair counts two)"
     )
     max_pixels: int = Field(40_000_000, ge=1, description="largest declared image size, in pixels")
     min_side: int = Field(16, ge=1, description="smallest accepted shorter image side, in pixels")
     max_parts: int = Field(130, ge=1, description="multipart parts per request")
-    max_json_depth: int = Field(8, ge=2, description="nesting depth of a JSON request body")
+    max_json_depth: int = Field(
+        8, ge=4, description="nesting depth of a JSON request body (a pairs body is 4 deep)"
+    )
     max_json_bytes: int = Field(
         16 * MiB, ge=1024, description="largest JSON response (413 beyond: ask for safetensors)"
     )
@@ -128,6 +138,8 @@ class Settings(BaseSettings):
         """The limits clients should know about (reported by /v1/models)."""
         keys = (
             "max_body_bytes",
+            "body_timeout_s",
+            "max_uploads",
             "max_images_per_request",
             "max_pixels",
             "min_side",

@@ -40,6 +40,7 @@ class ServerState:
         self.draining = False
         self.load_error: str | None = None
         self.in_flight = 0
+        self.uploads = 0  # request bodies being received (bounded by settings.max_uploads)
         self.started_at = time.time()
         # called with a message when the models cannot be loaded (`cotap serve` then exits 1)
         self.on_fatal: Callable[[str], None] | None = None

@@ -59,6 +59,7 @@ class LossWeights:
     cls_inner: float = 1.0  # multi-crop CLS Sinkhorn loss (§3.4)
     cls_intra: float = 1.0  # NN-pair CLS Sinkhorn loss (§3.4)
     entropy: float = 1.0  # prototype entropy loss (§3.5)
+    cls_nce: float = 0.0  # not CoTAP: CLS InfoNCE, for from-scratch initialisations (docs/results.md)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class LossSection:
     foreground_blur_size: int = 7
     foreground_blur_sigma: float = 0.6
     entropy_temperature: float = 0.1
+    cls_nce_temperature: float = 0.2
 
 
 @dataclass
@@ -200,6 +202,7 @@ class TrainConfig:
                 "cls_temperature_inner",
                 "cls_temperature_intra",
                 "entropy_temperature",
+                "cls_nce_temperature",
             )
         }
         checks += [(v > 0, f"loss.{k}", "must be positive") for k, v in temps.items()]

@@ -60,8 +60,11 @@ class ProjectionHead(nn.Module):
     def num_prototypes(self) -> int:
         return int(self.prototypes.weight_v.shape[0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) features → (..., bottleneck_dim) unit-norm embeddings."""
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"head expects features of width {self.in_dim}, got {tuple(x.shape)}")
-        z = F.normalize(self.mlp(x), dim=-1)
-        return self.prototypes(z)
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(self.embed(x))

@@ -8,7 +8,8 @@ Per step, for B anchors and their B partners (2B images, each with G = 2 global 
 - student (one forward, so DDP sees one graph): patch- and CLS-head scores of all crops, the last
   block's input tokens → memory bank (→ one-time k-means of the prototypes) → entropy loss;
 - losses: `patch_intra` (CoTAP, §3.2), `patch_inner` (Leopart ROI Sinkhorn, §3.3), `cls_inner` and
-  `cls_intra` (§3.4), `entropy` (§3.5), summed with their weights.
+  `cls_intra` (§3.4), `entropy` (§3.5), summed with their weights; `cls_nce` (not CoTAP, weight 0
+  by default) is an image-level InfoNCE for training initialisations from scratch.
 
 Single-dataset deviation: the release feeds COCO to the dense losses and ImageNet to the CLS losses
 and the bank; here one dataset feeds all of them, so one student forward serves both heads.
@@ -28,7 +29,7 @@ from cotap.training.data.pairs import PairBatch
 from cotap.training.distributed import DistEnv, broadcast, world_size
 from cotap.training.foreground import foreground_masks
 from cotap.training.heads import ProjectionHead
-from cotap.training.losses.cls import multicrop_cls_loss, pair_cls_loss
+from cotap.training.losses.cls import cls_contrastive_loss, multicrop_cls_loss, pair_cls_loss
 from cotap.training.losses.entropy import prototype_entropy_loss
 from cotap.training.losses.patch_inner import roi_bins_for_grid, roi_patch_loss
 from cotap.training.losses.patch_intra import patch_intra_loss, pool_sizes_for_grid
@@ -37,7 +38,7 @@ from cotap.training.models import CoTAPViT
 from cotap.training.prototype_bank import PrototypeBank, spherical_kmeans
 from cotap.training.queues import FeatureQueue
 
-LOSS_NAMES = ("patch_intra", "patch_inner", "cls_inner", "cls_intra", "entropy")
+LOSS_NAMES = ("patch_intra", "patch_inner", "cls_inner", "cls_intra", "entropy", "cls_nce")
 BankHook = Callable[[torch.Tensor, tuple[int, int]], "torch.Tensor | None"]
 
 
@@ -63,16 +64,24 @@ class CoTAPNetwork(nn.Module):
         entropy_temperature: float = 0.1,
     ) -> dict[str, torch.Tensor]:
         """global_images (Ng, 3, H, W), local_images (Nl, 3, h, w) ->
-        global_patch (Ng, N, Kp), global_cls (Ng, Kc), [local_patch (Nl, n, Kp), local_cls (Nl, Kc)],
+        global_patch (Ng, N, Kp), global_cls (Ng, Kc), global_cls_embed (Ng, E),
+        [local_patch (Nl, n, Kp), local_cls (Nl, Kc), local_cls_embed (Nl, E)],
         [cls_attention (Ng, heads, N)], [entropy ()] when `bank_hook` returns bank samples."""
         out = self.backbone.forward_train(global_images, return_attention=return_attention)
-        result = {"global_patch": self.patch_head(out["patch"]), "global_cls": self.cls_head(out["cls"])}
+        z = self.cls_head.embed(out["cls"])
+        result = {
+            "global_patch": self.patch_head(out["patch"]),
+            "global_cls": self.cls_head.prototypes(z),
+            "global_cls_embed": z,
+        }
         if return_attention:
             result["cls_attention"] = out["cls_attention"]
         if local_images is not None and local_images.shape[0] > 0:
             loc = self.backbone.forward_train(local_images)
+            z = self.cls_head.embed(loc["cls"])
             result["local_patch"] = self.patch_head(loc["patch"])
-            result["local_cls"] = self.cls_head(loc["cls"])
+            result["local_cls"] = self.cls_head.prototypes(z)
+            result["local_cls_embed"] = z
         if bank_hook is not None:
             # The bank, k-means and the entropy loss run in fp32 whatever the autocast around them.
             with torch.autocast(global_images.device.type, enabled=False):
@@ -265,6 +274,18 @@ class CoTAPMethod:
                 terms["cls_intra"] = pair_cls_loss(cls_codes, s_cls, loss_cfg.cls_temperature_intra)
         if w.entropy > 0 and "entropy" in s_out:
             terms["entropy"] = s_out["entropy"]
+        if w.cls_nce > 0:
+            queries = s_out["global_cls_embed"].float().reshape(images, g, -1)
+            if nl:
+                local_q = s_out["local_cls_embed"].float().reshape(images, nl, -1)
+                queries = torch.cat([queries, local_q], dim=1)
+            partner = torch.arange(images, device=queries.device).roll(b)  # row b ↔ row B + b
+            terms["cls_nce"] = cls_contrastive_loss(
+                queries,
+                t_out["global_cls_embed"].float().reshape(images, g, -1),
+                loss_cfg.cls_nce_temperature,
+                exclude=partner,
+            )
 
         weights = asdict(w)
         total = sum((weights[name] * value for name, value in terms.items()), start=t_patch.new_zeros(()))

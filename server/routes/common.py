@@ -143,6 +143,24 @@ InferencePlan = Callable[
 ]
 
 
+async def _receive(state: ServerState, request: Request) -> bytes:
+    """The request body, with at most `max_uploads` bodies arriving at once (429 beyond: memory stays
+    under max_uploads x max_body_bytes) and each within `body_timeout_s` (408)."""
+    settings = state.settings
+    if state.uploads >= settings.max_uploads:
+        raise ServerError(
+            ErrorCode.QUEUE_FULL,
+            f"{state.uploads} request bodies are being received already (max_uploads); "
+            f"retry after {settings.retry_after_s} s",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+    state.uploads += 1
+    try:
+        return await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    finally:
+        state.uploads -= 1
+
+
 async def run_inference(
     request: Request,
     *,
@@ -162,7 +180,7 @@ async def run_inference(
     scheduler.expect()
     try:
         scheduler.check_room(1)  # a full queue refuses before the body is read or parsed
-        body = await read_body(request, settings.max_body_bytes)
+        body = await _receive(state, request)
         payload = await parse_payload(request, body, kind, settings.max_parts, settings.max_json_depth)
         del body
         opts = merge_options(options_cls, query, payload.options)

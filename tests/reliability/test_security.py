@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -377,7 +378,58 @@ def test_request_headers_are_bounded(bench: ModuleType, tiny_bundle: Path, tmp_p
         print("\nheader limits:", statuses)
 
 
-@pytest.mark.parametrize("max_json_depth", [3, 8])  # {"images": ["..."]} is 3 deep
+def _answer(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """Read one HTTP answer (status line, headers, body by Content-Length) from `sock`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+def test_slow_uploads_time_out_and_are_bounded(bench: ModuleType, tiny_bundle: Path, tmp_path: Path) -> None:
+    """Trickling bodies answer 408 after body_timeout_s; beyond max_uploads at once, 429 at once."""
+    settings = {"body_timeout_s": 1.5, "max_uploads": 2, "log_level": "warning"}
+    with bench.ServerProcess(tiny_bundle, tmp_path / "serve.log", **settings) as server:
+        server.wait_ready()
+        head = (
+            b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+        )
+        slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        try:
+            t0 = time.monotonic()
+            for s in slow:
+                s.sendall(head + b'{"images": ["')  # and then nothing more
+            time.sleep(0.3)
+            third = _raw(server.port, head + b"x" * 100_000)
+            assert third.startswith(b"HTTP/1.1 429"), third[:200]
+            assert b"retry-after: 1" in third.lower() and b"max_uploads" in third
+            answers = [_answer(s) for s in slow]
+            waited = time.monotonic() - t0
+        finally:
+            for s in slow:
+                s.close()
+        for status, _, body in answers:
+            assert status.startswith("HTTP/1.1 408"), (status, body[:200])
+            err = json.loads(body)["error"]
+            assert err["code"] == "request_timeout" and "body_timeout_s" in err["message"]
+        assert 1.4 < waited < 6, waited
+        ok = _raw(server.port, b"GET /health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200"), ok[:100]  # nothing lost: still ready
+
+
+@pytest.mark.parametrize("max_json_depth", [4, 8])  # {"images": ["..."]} is 3 deep, a pairs body 4
 def test_json_depth_limit_is_the_setting(tiny_bundle: Path, max_json_depth: int) -> None:
     import base64
 

@@ -54,6 +54,10 @@ def test_bad_settings_are_clear_errors() -> None:
         Settings(models=["a=/x", "a=/y"])
     with pytest.raises(ValueError):
         Settings(backend="tensorflow")  # type: ignore[arg-type]
+    with pytest.raises(CLIError, match="--max-json-depth"):  # 3 would refuse every JSON pairs body
+        settings_from_args(build_parser().parse_args(["serve", "--max-json-depth", "3"]))
+    with pytest.raises(CLIError, match="--body-timeout-s"):
+        settings_from_args(build_parser().parse_args(["serve", "--body-timeout-s", "0"]))
 
 
 def test_default_is_the_embedded_bundle() -> None:

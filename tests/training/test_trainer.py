@@ -166,6 +166,25 @@ def test_ablation_switches_and_init_from_bundle(unbroken: tuple[Trainer, Path], 
     assert not torch.equal(kernel, trainer.student.backbone.kernel)  # the entropy loss moved them
 
 
+def test_contrastive_only_pretraining_moves_the_backbone(tmp_path: Path) -> None:
+    """The from-scratch initialisation recipe of docs/results.md: the CLS InfoNCE alone."""
+    cfg = tiny_config(
+        "max_steps=3",
+        "data.knn=null",
+        "loss.weights={patch_intra: 0, patch_inner: 0, cls_inner: 0, cls_intra: 0, entropy: 0, cls_nce: 1}",
+        "bank.enabled=false",
+        "bundle.enabled=false",
+        "plot=false",
+    )
+    trainer = Trainer(cfg, tmp_path / "nce")
+    before = trainer.student.backbone.patch_embed.proj.weight.detach().clone()
+    result = trainer.fit()
+    loss = result.last_metrics["loss_cls_nce"]
+    assert 0 < loss < 2 * 12, loss  # InfoNCE over 2·4 images × 2 globals: about ln 16 at the start
+    assert set(result.last_metrics) & {"loss_cls_inner", "loss_patch_intra", "loss_entropy"} == set()
+    assert not torch.equal(before, trainer.student.backbone.patch_embed.proj.weight)
+
+
 def test_cli_train_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(
