@@ -108,7 +108,20 @@ def test_openapi_documents_the_error_envelope(api: tuple[Any, Any]) -> None:
     assert envelope["required"] == ["error"] and "HTTPValidationError" not in spec["components"]["schemas"]
     for route in ("/v1/embed", "/v1/prototypes", "/v1/correspond"):
         responses = spec["paths"][route]["post"]["responses"]
-        assert set(responses) == {"200", "400", "401", "404", "408", "413", "415", "422", "429", "500", "503", "504"}
+        assert set(responses) == {
+            "200",
+            "400",
+            "401",
+            "404",
+            "408",
+            "413",
+            "415",
+            "422",
+            "429",
+            "500",
+            "503",
+            "504",
+        }
         assert {"application/json", "application/x-safetensors"} <= set(responses["200"]["content"])
         assert "Retry-After" in responses["429"]["headers"]
         error = responses["413"]["content"]["application/json"]["schema"]

@@ -32,7 +32,9 @@ def test_defaults_are_the_paper_recipe() -> None:
         5,
         5,
     )
-    assert all(v == 1.0 for v in config_to_dict(cfg)["loss"]["weights"].values())
+    weights = config_to_dict(cfg)["loss"]["weights"]
+    assert weights.pop("cls_nce") == 0.0  # not CoTAP: off unless a config turns it on
+    assert all(v == 1.0 for v in weights.values())
 
 
 def test_yaml_and_overrides(tmp_path: Path) -> None:
