@@ -20,6 +20,7 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("api_key", str, "require 'Authorization: Bearer KEY' on every route but /health"),
     ("cors_origins", str, "comma-separated origins allowed by CORS ('*' for any)"),
     ("max_body_bytes", int, "largest request body (default 32 MiB)"),
+    ("header_timeout_s", float, "seconds for a request line and headers to arrive before 408 (default 10)"),
     ("body_timeout_s", float, "seconds to receive a whole request body before 408 (default 30)"),
     ("max_uploads", int, "request bodies received at once before 429 (default 32)"),
     ("max_images_per_request", int, "images per request; a pair counts two (default 64)"),

@@ -1,14 +1,19 @@
-"""The HTTP/1.1 protocol `cotap serve` runs: uvicorn's, with a bound on the request line and headers.
+"""The HTTP/1.1 protocol `cotap serve` runs: uvicorn's, with bounds on the request line and headers.
 
 uvicorn's httptools protocol buffers a request's line and headers without any limit (an 8 MB
-header was accepted), so one client could make the server hold any amount of memory before the
-app sees the request. Here bytes received while a request's headers are incomplete are counted,
-and past `MAX_HEADER_BYTES` the connection gets 431 with the error envelope and is closed. With
-the pure-Python h11 protocol (when httptools is missing) h11's own incomplete-event limit applies.
+header was accepted) and for as long as they take to arrive, so one client could make the server
+hold any amount of memory, or a connection forever (slowloris), before the app sees the request.
+Here bytes received while a request's headers are incomplete are counted, and past
+`MAX_HEADER_BYTES` the connection gets 431 with the error envelope and is closed; and a request
+line and headers that have not all arrived `header_timeout_s` after the request began (or after
+the connection opened, for a connection that sends nothing) get 408 with the envelope (or, when
+nothing was sent, a plain close). With the pure-Python h11 protocol (when httptools is missing)
+h11's own incomplete-event limit applies and there is no header timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -18,7 +23,7 @@ from cotap.server.errors import envelope_bytes
 MAX_HEADER_BYTES = 64 * 1024  # request line + headers; nginx's default buffers hold 4 x 8 KiB
 
 
-def http_protocol() -> Any:
+def http_protocol(header_timeout_s: float = 10.0) -> Any:
     """The protocol class for `uvicorn.Config(http=...)`: bounded httptools, else "h11"."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -38,16 +43,50 @@ def http_protocol() -> Any:
             self._in_head = False  # a request has begun and its headers are not complete
             self._began_in_read = False
             self._head_bytes = 0
+            self._head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()  # a connection that never sends a request line is closed too
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head = True
             self._began_in_read = True
             self._head_bytes = 0
+            self._arm()
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._disarm()
             super().on_headers_complete()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if not self._in_head:  # nothing sent since the connection opened
+                self.transport.close()
+                return
+            self.logger.warning("request headers not complete after %g s: refused (408)", header_timeout_s)
+            self._answer(
+                "408 Request Timeout",
+                ErrorCode.REQUEST_TIMEOUT,
+                f"request line and headers did not arrive within {header_timeout_s:g} s (header_timeout_s)",
+            )
 
         def data_received(self, data: bytes) -> None:
             self._began_in_read = False
@@ -59,19 +98,24 @@ def http_protocol() -> Any:
                 self._refuse()
 
         def _refuse(self) -> None:
-            body = envelope_bytes(
+            self.logger.warning("request headers over %d bytes refused (431)", MAX_HEADER_BYTES)
+            self._answer(
+                "431 Request Header Fields Too Large",
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
-                uuid.uuid4().hex,
             )
+
+        def _answer(self, status: str, code: ErrorCode, message: str) -> None:
+            """Answer with the envelope and close: the request never reached the app."""
+            body = envelope_bytes(code, message, uuid.uuid4().hex)
             head = (
-                "HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                f"HTTP/1.1 {status}\r\n"
                 f"content-type: {ERROR_MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
                 "connection: close\r\n\r\n"
             )
-            self.logger.warning("request headers over %d bytes refused (431)", MAX_HEADER_BYTES)
             self.transport.write(head.encode("ascii") + body)
             self.transport.close()
             self._in_head = False
+            self._disarm()
 
     return BoundedHeadersProtocol

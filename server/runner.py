@@ -75,7 +75,8 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         server_header=False,
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-        http=http_protocol(),  # request line + headers bounded (431 beyond MAX_HEADER_BYTES)
+        # request line + headers bounded in size (431 beyond MAX_HEADER_BYTES) and time (408)
+        http=http_protocol(settings.header_timeout_s),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     server = DrainingServer(config, state)

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
 
     # -- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body (413 beyond)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="time for a request line and headers to arrive (408 beyond; cotap serve)"
+    )
     body_timeout_s: float = Field(
         30.0, gt=0, description="time to receive a whole request body (408 beyond): slow uploads end"
     )
@@ -138,6 +141,7 @@ class Settings(BaseSettings):
         """The limits clients should know about (reported by /v1/models)."""
         keys = (
             "max_body_bytes",
+            "header_timeout_s",
             "body_timeout_s",
             "max_uploads",
             "max_images_per_request",

@@ -398,28 +398,34 @@ def _answer(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
 
 
 def test_slow_uploads_time_out_and_are_bounded(bench: ModuleType, tiny_bundle: Path, tmp_path: Path) -> None:
-    """Trickling bodies answer 408 after body_timeout_s; beyond max_uploads at once, 429 at once."""
-    settings = {"body_timeout_s": 1.5, "max_uploads": 2, "log_level": "warning"}
+    """Trickling bodies answer 408 after body_timeout_s; beyond max_uploads at once, 429 at once;
+    trickling headers answer 408 after header_timeout_s, and a silent connection is closed."""
+    settings = {"body_timeout_s": 1.5, "header_timeout_s": 1.5, "max_uploads": 2, "log_level": "warning"}
     with bench.ServerProcess(tiny_bundle, tmp_path / "serve.log", **settings) as server:
         server.wait_ready()
         head = (
             b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n"
         )
-        slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
         try:
             t0 = time.monotonic()
-            for s in slow:
+            for s in slow[:2]:
                 s.sendall(head + b'{"images": ["')  # and then nothing more
-            time.sleep(0.3)
+            slow[2].sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # headers never end
+            time.sleep(0.3)  # slow[3] sends nothing at all
             third = _raw(server.port, head + b"x" * 100_000)
             assert third.startswith(b"HTTP/1.1 429"), third[:200]
             assert b"retry-after: 1" in third.lower() and b"max_uploads" in third
-            answers = [_answer(s) for s in slow]
+            answers = [_answer(s) for s in slow[:3]]
             waited = time.monotonic() - t0
+            assert slow[3].recv(100) == b""  # closed without an answer: no request ever began
         finally:
             for s in slow:
                 s.close()
+        status, _, body = answers.pop()
+        assert status.startswith("HTTP/1.1 408"), (status, body[:200])
+        assert "header_timeout_s" in json.loads(body)["error"]["message"]
         for status, _, body in answers:
             assert status.startswith("HTTP/1.1 408"), (status, body[:200])
             err = json.loads(body)["error"]
