@@ -182,8 +182,10 @@ def make_init_files() -> None:
     if (init_dir / "filter.pt").exists() and (init_dir / "nofilter.pt").exists():
         return
 
+    from cotap.training.trainer import read_checkpoint
+
     src = RUNS / "pretrain" / "checkpoints" / "last.pt"
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(src)
     init_dir.mkdir(parents=True, exist_ok=True)
     for name, use_filter in (("filter.pt", True), ("nofilter.pt", False)):
         cfg = dict(ckpt["model_config"], use_filter=use_filter)
@@ -235,11 +237,13 @@ def make_weak_init() -> None:
     its k = 7 neighbour file."""
     import torch
 
+    from cotap.training.trainer import read_checkpoint
+
     weak = RUNS / "init" / "weak.pt"
     supervised(weak, 200)
     dst = RUNS / "init" / "weak-filter.pt"
     if not dst.exists():
-        ckpt = torch.load(weak, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(weak)
         ckpt["model_config"] = dict(ckpt["model_config"], use_filter=True)
         ckpt["init"] += "; use_filter=True"
         torch.save(ckpt, dst)

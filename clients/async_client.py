@@ -20,22 +20,16 @@ from PIL import Image
 from cotap.client import protocol
 from cotap.client.base import (
     CallPlan,
-    ClientStats,
+    ClientCore,
     ImageFormat,
     Item,
     Outputs,
-    StatsCounter,
-    Transport,
     correspond_plan,
-    default_headers,
     embed_plan,
     encode_all,
     health_from,
-    make_timeout,
     pair_inputs,
     prototypes_plan,
-    resolve_api_key,
-    resolve_url,
 )
 from cotap.client.errors import ImageTooLarge, NotFound, PayloadTooLarge
 from cotap.client.info import Health, ServerInfo
@@ -51,7 +45,7 @@ from cotap.client.results import (
 from cotap.client.retry import Attempts, RetryPolicy
 
 
-class AsyncClient:
+class AsyncClient(ClientCore):
     """`Client` for asyncio: the same calls, awaited.
 
     >>> async with AsyncClient() as client:
@@ -74,22 +68,8 @@ class AsyncClient:
         headers: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self.url = resolve_url(url)
-        self.model = model
-        self.max_in_flight = max_in_flight
-        self.images_per_request = images_per_request
-        self.image_format: ImageFormat = image_format
-        self._stats = StatsCounter()
-        self._transport = Transport(retry or RetryPolicy(), self._stats)
-        self._http = httpx.AsyncClient(
-            base_url=self.url,
-            headers=default_headers(resolve_api_key(api_key), headers),
-            timeout=make_timeout(timeout),
-            limits=httpx.Limits(max_connections=max(16, 2 * max_in_flight), max_keepalive_connections=16),
-            transport=transport,
-        )
+        super().__init__(url, model, retry, max_in_flight, images_per_request, image_format)
+        self._http = httpx.AsyncClient(**self.http_options(api_key, headers, timeout), transport=transport)
         self._info: ServerInfo | None = None
         self._info_lock = asyncio.Lock()
 
@@ -101,13 +81,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-    def __repr__(self) -> str:
-        return f"AsyncClient({self.url!r}, model={self.model!r})"
-
-    @property
-    def stats(self) -> ClientStats:
-        return self._stats.snapshot()
 
     async def _send(
         self,

@@ -198,7 +198,52 @@ class Transport:
         return wait
 
 
-ImageFormat = EncodeFormat
+ImageFormat: TypeAlias = EncodeFormat
+
+
+class ClientCore:
+    """The configuration and counters `Client` and `AsyncClient` share; each adds its own httpx
+    client (built from `http_options`) and its way of running calls."""
+
+    def __init__(
+        self,
+        url: str | None,
+        model: str | None,
+        retry: RetryPolicy | None,
+        max_in_flight: int,
+        images_per_request: int | None,
+        image_format: ImageFormat,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.url = resolve_url(url)
+        self.model = model
+        self.max_in_flight = max_in_flight
+        self.images_per_request = images_per_request
+        self.image_format: ImageFormat = image_format
+        self._stats = StatsCounter()
+        self._transport = Transport(retry or RetryPolicy(), self._stats)
+
+    def http_options(
+        self, api_key: str | None, headers: dict[str, str] | None, timeout: float | httpx.Timeout | None
+    ) -> dict[str, Any]:
+        """Keyword arguments for `httpx.Client` / `httpx.AsyncClient`."""
+        return {
+            "base_url": self.url,
+            "headers": default_headers(resolve_api_key(api_key), headers),
+            "timeout": make_timeout(timeout),
+            "limits": httpx.Limits(
+                max_connections=max(16, 2 * self.max_in_flight), max_keepalive_connections=16
+            ),
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, model={self.model!r})"
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of this client's counters (requests, retries, errors)."""
+        return self._stats.snapshot()
 
 
 def health_from(live: bool, ready: httpx.Response) -> Health:

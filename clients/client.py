@@ -22,22 +22,16 @@ from PIL import Image
 from cotap.client import protocol
 from cotap.client.base import (
     CallPlan,
-    ClientStats,
+    ClientCore,
     ImageFormat,
     Item,
     Outputs,
-    StatsCounter,
-    Transport,
     correspond_plan,
-    default_headers,
     embed_plan,
     encode_all,
     health_from,
-    make_timeout,
     pair_inputs,
     prototypes_plan,
-    resolve_api_key,
-    resolve_url,
 )
 from cotap.client.errors import ImageTooLarge, NotFound, PayloadTooLarge
 from cotap.client.info import Health, ServerInfo
@@ -56,7 +50,7 @@ if TYPE_CHECKING:
     from cotap.client.folder import FolderReport
 
 
-class Client:
+class Client(ClientCore):
     """Patch embeddings, prototype maps and correspondences from a cotap server, as NumPy arrays.
 
     >>> with Client("http://127.0.0.1:8000") as client:
@@ -88,22 +82,8 @@ class Client:
         headers: dict[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
-        self.url = resolve_url(url)
-        self.model = model
-        self.max_in_flight = max_in_flight
-        self.images_per_request = images_per_request
-        self.image_format: ImageFormat = image_format
-        self._stats = StatsCounter()
-        self._transport = Transport(retry or RetryPolicy(), self._stats)
-        self._http = httpx.Client(
-            base_url=self.url,
-            headers=default_headers(resolve_api_key(api_key), headers),
-            timeout=make_timeout(timeout),
-            limits=httpx.Limits(max_connections=max(16, 2 * max_in_flight), max_keepalive_connections=16),
-            transport=transport,
-        )
+        super().__init__(url, model, retry, max_in_flight, images_per_request, image_format)
+        self._http = httpx.Client(**self.http_options(api_key, headers, timeout), transport=transport)
         self._info: ServerInfo | None = None
         self._info_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -121,14 +101,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"Client({self.url!r}, model={self.model!r})"
-
-    @property
-    def stats(self) -> ClientStats:
-        """A snapshot of this client's counters (requests, retries, errors)."""
-        return self._stats.snapshot()
 
     # -- transport ------------------------------------------------------------------------------
     def _send(

@@ -21,13 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from cotap.core.preprocess import PreprocessConfig
-from tests.server.helpers import make_tiny_bundle
+from tests.server.helpers import free_port, make_tiny_bundle, wait_ready
 
 pytestmark = pytest.mark.browser
 
@@ -51,14 +50,6 @@ def chromium_path() -> str | None:
         if path:
             return path
     return None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +84,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, browser_path: str, bundle: 
     log = open(tmp / "serve.log", "wb")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        end = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, "the server never became ready"
-            time.sleep(0.1)
+        wait_ready(url, lambda: proc.poll() is None, timeout=90, log=tmp / "serve.log")
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -16,7 +16,7 @@ import uvicorn
 
 from cotap.server.app import create_app
 from cotap.server.backends.base import Backend
-from tests.server.helpers import settings_for
+from tests.server.helpers import settings_for, wait_ready
 
 
 @contextmanager
@@ -38,16 +38,7 @@ def live_server(
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 60
-        while True:
-            assert thread.is_alive(), "the server thread died while starting"
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, "the server never became ready"
-            time.sleep(0.05)
+        wait_ready(url, thread.is_alive)
         yield url
     finally:
         server.should_exit = True

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -145,3 +147,25 @@ def metric(text: str, name: str, **labels: str) -> float:
         if base == name and (not labels or all(f'{k}="{v}"' in lab for k, v in labels.items())):
             return float(value)
     return 0.0
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, alive: Callable[[], bool], timeout: float = 60, log: Path | None = None) -> None:
+    """Poll `url`/health/ready until it answers 200; fail when `alive()` turns false (the server
+    process or thread died; the message ends with `log`, if given) or after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        assert alive(), "the server died while starting" + (f":\n{log.read_text()}" if log else "")
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < end, "the server never became ready"
+        time.sleep(0.05)

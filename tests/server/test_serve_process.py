@@ -16,26 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.helpers import jpeg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, "server exited early"
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server never became ready")
+from tests.server.helpers import free_port, jpeg, wait_ready
 
 
 def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -58,7 +39,7 @@ def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path)
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     slow = socket.socket()
     try:
-        wait_ready(base, proc)
+        wait_ready(base, lambda: proc.poll() is None, log=log)
         slow.connect(("127.0.0.1", port))  # an upload that stalls half-way: expected company
         slow.sendall(
             b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"

@@ -57,3 +57,5 @@ def test_cls_contrastive_loss_rejects_bad_shapes() -> None:
         cls_contrastive_loss(torch.zeros(2, 3), torch.zeros(2, 2, 3))
     with pytest.raises(ValueError, match="does not fit"):
         cls_contrastive_loss(torch.zeros(2, 1, 3), torch.zeros(2, 2, 3))
+    with pytest.raises(ValueError, match="does not fit"):  # one global crop: no positive for it
+        cls_contrastive_loss(torch.zeros(2, 3, 3), torch.zeros(2, 1, 3))

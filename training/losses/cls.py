@@ -62,7 +62,7 @@ def cls_contrastive_loss(
 
     Args:
         student: (I, V, E) L2-normalised student embeddings of all V crops, globals first.
-        teacher: (I, G, E) L2-normalised teacher embeddings of the G ≤ V global crops.
+        teacher: (I, G, E) L2-normalised teacher embeddings of the 2 ≤ G ≤ V global crops.
         exclude: (I,) for each image the row whose keys are neither positives nor negatives (its
             pair partner, possibly another crop set of the same image); None: none excluded.
     Returns the cross-entropy of each query crop against all I·G keys, positives being the keys of
@@ -76,7 +76,7 @@ def cls_contrastive_loss(
         )
     i, v, e = student.shape
     g = teacher.shape[1]
-    if teacher.shape[2] != e or v < g or g < 1 or (v == g == 1):
+    if teacher.shape[2] != e or v < g or g < 2:  # a global query needs another global as positive
         raise ValueError(f"student {tuple(student.shape)} does not fit teacher {tuple(teacher.shape)}")
     logits = torch.einsum("ive,jge->ivjg", student.float(), teacher.detach().float()) / temperature
     rows = torch.arange(i, device=student.device)
