@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cotap.core.wire import TIMING_HEADERS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -128,6 +130,15 @@ def bench_raw(backend: Any, pixels: np.ndarray, batches: list[int], seconds: flo
     return res
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; VMs of one name can differ in speed)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor()
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc), all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -156,15 +167,27 @@ def http_request(path: str, fields: list[tuple[str, bytes]], accept: str | None)
     return (head + "\r\n").encode() + body
 
 
+_STAGE_OF_HEADER = {header.encode(): stage for stage, header in TIMING_HEADERS.items()}
+
+
 async def _exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    raw: bytes,
+    timings: dict[str, float] | None = None,
 ) -> tuple[int, int]:
+    """Send one prebuilt request, read its answer: (status, body bytes). With `timings`, the
+    server's stage timing headers (ms) go there by stage name."""
     writer.write(raw)
     status = int((await reader.readline()).split()[1])
     length = 0
     while (line := await reader.readline()) not in (b"\r\n", b""):
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif timings is not None and name in _STAGE_OF_HEADER:
+            timings[_STAGE_OF_HEADER[name]] = float(value)
     await reader.readexactly(length)
     return status, length
 
@@ -252,23 +275,28 @@ async def alternate(
     port: int, pid: int, kinds: dict[str, list[bytes]], pairs: int, raw_step: Any = None
 ) -> dict[str, dict[str, float]]:
     """One connection, requests of each kind in turn (and `raw_step()` if given), `pairs` times:
-    slow drifts of the machine's load hit every kind alike. Median latency and server CPU-ms per
-    request of each kind."""
+    slow drifts of the machine's load hit every kind alike. Per kind: median latency, server
+    CPU-ms per request, and the medians of the server's stage timing headers (`server_<stage>_ms`:
+    decode, queue, inference, total inside the server)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     lat: dict[str, list[float]] = {k: [] for k in kinds}
     cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    stages: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     raw: list[float] = []
     try:
         for i in range(pairs + 1):  # the first turn warms up
             for name, reqs in kinds.items():
+                timings: dict[str, float] = {}
                 c0, t0 = proc_cpu_s(pid), time.perf_counter()
-                status, _ = await _exchange(reader, writer, reqs[i % len(reqs)])
+                status, _ = await _exchange(reader, writer, reqs[i % len(reqs)], timings)
                 t1, c1 = time.perf_counter(), proc_cpu_s(pid)
                 if status != 200:
                     raise RuntimeError(f"{name}: HTTP {status}")
                 if i:
                     lat[name].append(t1 - t0)
                     cpu[name].append(c1 - c0)
+                    for stage, ms in timings.items():
+                        stages[name].setdefault(stage, []).append(ms)
             if raw_step is not None:
                 t0 = time.perf_counter()
                 raw_step()
@@ -277,7 +305,11 @@ async def alternate(
     finally:
         writer.close()
     out = {
-        k: {"p50_ms": 1000 * statistics.median(lat[k]), "cpu_ms": 1000 * statistics.mean(cpu[k])}
+        k: {
+            "p50_ms": 1000 * statistics.median(lat[k]),
+            "cpu_ms": 1000 * statistics.mean(cpu[k]),
+            **{f"server_{stage}_ms": statistics.median(v) for stage, v in stages[k].items()},
+        }
         for k in kinds
     }
     if raw:
@@ -423,6 +455,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "loadavg_start": os.getloadavg(),
@@ -519,6 +552,14 @@ def main() -> None:
                 f"embed of the two {ce['embed']['p50_ms']:.1f} ms ({ce['embed']['cpu_ms']:.0f} cpu-ms)",
                 flush=True,
             )
+            st = c1_stages(lc["embed"], lc["raw"]["p50_ms"])
+            if st:
+                print(
+                    f"[{k}] c=1 over raw: decode {st['c1_server_decode_ms']:.2f} | queue {st['c1_server_queue_ms']:.2f} | "
+                    f"inference - raw {st['c1_inference_minus_raw_ms']:.2f} | rest in server "
+                    f"{st['c1_server_other_ms']:.2f} | HTTP {st['c1_http_ms']:.2f} ms (medians)",
+                    flush=True,
+                )
             results["rounds"].append(rnd)
         backend.close()
     finally:
@@ -539,6 +580,21 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
+
+
+def c1_stages(embed: dict[str, float], raw_ms: float) -> dict[str, float]:
+    """Where the c=1 time over the raw forward goes, from the medians of the server's timing
+    headers: decode, queue, inference (minus the raw forward), the rest inside the server (body,
+    parsing, routing, encoding) and the HTTP round trip outside it."""
+    if "server_total_ms" not in embed:
+        return {}
+    stages = {f"c1_{k}": v for k, v in embed.items() if k.startswith("server_")}
+    inside = sum(embed.get(f"server_{k}_ms", 0.0) for k in ("decode", "queue", "inference"))
+    return stages | {
+        "c1_inference_minus_raw_ms": embed.get("server_inference_ms", float("nan")) - raw_ms,
+        "c1_server_other_ms": embed["server_total_ms"] - inside,
+        "c1_http_ms": embed["p50_ms"] - embed["server_total_ms"],
+    }
 
 
 def summarize(r: dict[str, Any]) -> dict[str, Any]:
@@ -585,6 +641,7 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
                 "embed_two_p50_ms": ce["embed"]["p50_ms"],
                 "correspond_over_embed_p50": ce["correspond"]["p50_ms"] / ce["embed"]["p50_ms"],
                 "correspond_over_embed_server_cpu": ce["correspond"]["cpu_ms"] / ce["embed"]["cpu_ms"],
+                **c1_stages(lc["embed"], lc["raw"]["p50_ms"]),
             }
         )
 

@@ -305,7 +305,11 @@ class Scheduler:
             if job.queue_s is None:
                 job.queue_s = t0 - job.t_enqueue
         try:
-            images = np.stack([job.images[i] for job, i in items])  # (B, 3, H, W)
+            if len(items) == 1:  # a lone image: a view, not a 600 KB copy
+                lone, i = items[0]
+                images = lone.images[i][None]  # (1, 3, H, W)
+            else:
+                images = np.stack([job.images[i] for job, i in items])  # (B, 3, H, W)
             out = backend.forward(images)
         except Exception as e:
             log.exception(
