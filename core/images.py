@@ -133,5 +133,5 @@ def load_pixels(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes -> (normalised float32 (3, H, W) model input, (height, width) of the upright original)."""
     image, original = decode_image(data, limits, target=config)
-    resized = resize_image(image, config)
+    resized = resize_image(image, config, original)
     return normalize(np.asarray(resized), config), original

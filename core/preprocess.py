@@ -88,9 +88,14 @@ class PreprocessConfig:
         return cls(**known)
 
 
-def resize_image(image: Image.Image, config: PreprocessConfig) -> Image.Image:
-    """Resize an RGB image to the config's output size with Pillow's antialiased bicubic."""
-    h, w = config.output_size(image.height, image.width)
+def resize_image(
+    image: Image.Image, config: PreprocessConfig, original: tuple[int, int] | None = None
+) -> Image.Image:
+    """Resize an RGB image with Pillow's antialiased bicubic to the config's output size for an
+    original of (height, width) `original` (default: the image's own size). A JPEG decoded in
+    draft mode is smaller than its file: the policy applies to the file's size, so that the grid
+    does not depend on the format the image was sent in."""
+    h, w = config.output_size(*(original or (image.height, image.width)))
     if (image.height, image.width) == (h, w):
         return image
     return image.resize((w, h), Image.Resampling.BICUBIC)

@@ -7,8 +7,8 @@ or its oldest image has waited `max_queue_delay`.
   or running (nothing else is on its way), so a single client pays no batching delay.
 - Work of a request that was cancelled (client gone) or whose deadline passed is dropped before
   inference, never run.
-- A backend exception fails only the requests with images in that batch (500); the worker and the
-  other batches carry on.
+- A backend exception in a batch of several requests reruns each request on its own, so only a
+  request that fails alone gets the 500; the worker and the other batches carry on.
 - When every image of a request has run, its `finish` (post-processing) runs on the same worker
   thread with the backend's `PostOps`, so the event loop never computes.
 """
@@ -181,7 +181,7 @@ class Scheduler:
         decoded count towards `max_queue`, so an overload cannot pile unbounded decoding work (and
         latency) in front of the queue. `release(n)` once decoded, right before `submit`."""
         with self._cond:
-            if self._depth + self._decoding + n > self.max_queue:
+            if not self._room(self._decoding + n):
                 raise self._queue_full(n)
             self._decoding += n
 
@@ -189,12 +189,20 @@ class Scheduler:
         """Refuse at once (429) when the queue cannot take `n` more images now (used before a
         request's body is even read)."""
         with self._cond:
-            if self._depth + self._decoding + n > self.max_queue:
+            if not self._room(self._decoding + n):
                 raise self._queue_full(n)
 
     def release(self, n: int) -> None:
         with self._cond:
             self._decoding -= n
+
+    def _room(self, n: int) -> bool:
+        """Whether `n` more images fit in the queue (call with the lock held). Work that was
+        cancelled or expired while the workers were busy gives its places back first."""
+        if self._depth + n <= self.max_queue:
+            return True
+        self._drop_dead(time.monotonic())
+        return self._depth + n <= self.max_queue
 
     def _queue_full(self, n: int) -> ServerError:
         return ServerError(
@@ -214,7 +222,7 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise ServerError(ErrorCode.NOT_READY, "the server is shutting down")
-            if self._depth + n > self.max_queue:
+            if not self._room(n):
                 raise self._queue_full(n)
             job.t_enqueue = time.monotonic()
             job.on_done = self._job_done
@@ -312,6 +320,9 @@ class Scheduler:
                 images = np.stack([job.images[i] for job, i in items])  # (B, 3, H, W)
             out = backend.forward(images)
         except Exception as e:
+            if len(jobs) > 1:
+                self._isolate(key, items, jobs, e)
+                return
             log.exception(
                 "inference failed",
                 extra={
@@ -340,6 +351,26 @@ class Scheduler:
                     finished.append(job)
         for job in finished:
             self._finish(job)
+
+    def _isolate(self, key: Key, items: list[Item], jobs: list[Job], error: Exception) -> None:
+        """A batch of several requests failed: run each request's images on their own, so that
+        only a request the backend cannot run (its inputs, its size: out of memory) gets the 500."""
+        log.warning(
+            "a batch failed; running its requests one by one",
+            extra={
+                "fields": {
+                    "model": key[0],
+                    "batch": len(items),
+                    "error": f"{type(error).__name__}: {error}",
+                    "request_ids": [j.request_id for j in jobs],
+                }
+            },
+        )
+        for job in jobs:
+            if job.alive(time.monotonic()):
+                self._run(key, [item for item in items if item[0] is job])
+            else:
+                job.fail(ServerError(ErrorCode.DEADLINE_EXCEEDED, "the deadline passed or the client left"))
 
     def _finish(self, job: Job) -> None:
         t0 = time.monotonic()

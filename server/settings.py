@@ -106,7 +106,11 @@ class Settings(BaseSettings):
     )
 
     # -- operations -----------------------------------------------------------------------------
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, wait this long for in-flight work")
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM, the whole stop (in-flight and queued work) takes at most this long (+ ~1 s)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("models", "cors_origins", mode="before")

@@ -38,6 +38,7 @@ class ServerState:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="cotap-decode")
         self.ready = False
         self.draining = False
+        self.drain_deadline: float | None = None  # time.monotonic() when the drain's budget ends
         self.load_error: str | None = None
         self.in_flight = 0
         self.uploads = 0  # request bodies being received (bounded by settings.max_uploads)
@@ -90,20 +91,28 @@ class ServerState:
         """Stop admitting: readiness and new inference requests answer 503; queued work runs now."""
         if not self.draining:
             log.info("draining", extra={"fields": {"in_flight": self.in_flight}})
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
         self.draining = True
         self.ready = False
         self.metrics.ready.set(0)
         self.metrics.draining.set(1)
         self.scheduler.flush()
 
+    def drain_left(self) -> float:
+        """Seconds left of the drain: one budget of `drain_timeout_s` from its start covers waiting
+        for in-flight requests, queued work and a model still loading, together."""
+        if self.drain_deadline is None:
+            return self.settings.drain_timeout_s
+        return max(0.0, self.drain_deadline - time.monotonic())
+
     async def shutdown(self) -> None:
         self.begin_drain()
         if self._loader is not None and not self._loader.done():
             try:  # a loading thread cannot be interrupted; give it a bounded wait
-                await asyncio.wait_for(asyncio.shield(self._loader), self.settings.drain_timeout_s)
+                await asyncio.wait_for(asyncio.shield(self._loader), self.drain_left())
             except TimeoutError:
                 log.warning("shutting down while models are still loading")
-        await asyncio.to_thread(self.scheduler.stop, self.settings.drain_timeout_s)
+        await asyncio.to_thread(self.scheduler.stop, self.drain_left())
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         for model in self.models.values():
             try:

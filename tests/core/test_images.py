@@ -48,6 +48,32 @@ def test_draft_mode_keeps_target_covered() -> None:
     assert x.shape == (3, 224, 224) and x.dtype == np.float32 and orig == (768, 1024)
 
 
+def _smooth(w: int, h: int) -> Image.Image:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 37) * np.cos(y / 23)], -1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "orientation"), [(1399, 2755, 1), (2755, 1399, 1), (1399, 2755, 6), (3000, 2001, 8)]
+)
+def test_draft_mode_keeps_the_policy_grid(w: int, h: int, orientation: int) -> None:
+    # the shorter-side policy applies to the file's size, not to the smaller draft-decoded image:
+    # a JPEG and a PNG of one picture get one grid, and nearly the same pixels
+    cfg = PreprocessConfig(resize="shorter_side", size=224, patch_size=14, max_side=1024)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = _smooth(w, h)
+    jpeg, orig = load_pixels(_encode(image, "JPEG", quality=95, exif=exif.tobytes()), cfg)
+    upright = (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+    assert orig == upright
+    assert decode_image(_encode(image, "JPEG", exif=exif.tobytes()), target=cfg)[0].height < upright[0]
+    assert jpeg.shape[1:] == cfg.output_size(*upright)
+    png, _ = load_pixels(_encode(image, "PNG", exif=exif.tobytes()), cfg)
+    assert png.shape == jpeg.shape
+    assert float(np.abs(png - jpeg).mean()) < 0.05  # normalised units: about 3/255 per std
+
+
 @pytest.mark.parametrize(
     "mode",
     ["L", "RGBA", "P", "CMYK", "I;16", "LA"],

@@ -99,13 +99,15 @@ def run(coro: Any) -> Any:
 
 class Gate:
     """Wraps a real backend: `hold()` makes the next forwards wait until `release()`; `fail_next`
-    makes forwards raise; counts the images each forward saw."""
+    makes forwards raise, and so does `fail_if(images)` when true; counts the images each forward
+    saw."""
 
     def __init__(self) -> None:
         self.open = threading.Event()
         self.open.set()
         self.entered = threading.Event()
         self.fail_next = 0
+        self.fail_if: Callable[[np.ndarray], bool] | None = None
         self.batches: list[int] = []
         self.backend: Backend | None = None
 
@@ -128,6 +130,8 @@ class Gate:
             if gate.fail_next > 0:
                 gate.fail_next -= 1
                 raise RuntimeError("injected backend failure")
+            if gate.fail_if is not None and gate.fail_if(images):
+                raise RuntimeError("injected backend failure for these inputs")
             return real_forward(images)
 
         backend.forward = forward  # type: ignore[method-assign]

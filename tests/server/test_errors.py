@@ -257,6 +257,33 @@ def test_500_backend_error_fails_only_its_batch(tiny_bundle: Path, gate: Gate) -
     run(body())
 
 
+def test_a_failed_batch_of_several_requests_fails_only_the_culprit(tiny_bundle: Path, gate: Gate) -> None:
+    # the backend cannot run one request's input (think: out of memory for its size): batched with
+    # others, the batch fails; each request is then run alone and only that one gets the 500
+    black = encode(np.zeros((40, 48, 3), np.uint8), "PNG")
+
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, max_batch=2), hook=gate.wrap) as (app, c):
+            gate.fail_if = lambda images: bool((images.std(axis=(2, 3)).max(1) < 1e-6).any())  # a flat image
+            gate.batches.clear()
+            gate.hold()
+            first = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(seed=1)])))
+            await gate.wait_entered()  # the worker is busy: the next two requests queue together
+            bad = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [black])))
+            good = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(seed=2)])))
+            while app.state.cotap.scheduler.depth < 2:
+                await asyncio.sleep(0.01)
+            gate.release()
+            r1, r_bad, r_good = await asyncio.gather(first, bad, good)
+            assert r1.status_code == 200 and r_good.status_code == 200
+            assert "for these inputs" in envelope(r_bad, 500, "internal")
+            assert gate.batches == [1, 2, 1, 1]  # the batch of two failed, then each alone
+            alone = await c.post("/v1/embed", files=parts("image", [jpeg(seed=2)]))
+            assert np.array_equal(np.array(r_good.json()["patch"]), np.array(alone.json()["patch"]))
+
+    run(body())
+
+
 def test_cors_preflight_and_headers_on_errors(tiny_bundle: Path) -> None:
     origin = "https://app.example"
 

@@ -118,10 +118,12 @@ def test_deadline_answers_504_and_drops_the_work(tiny_bundle: Path, gate: Gate) 
 
 
 def test_disconnected_client_work_is_not_run(tiny_bundle: Path, gate: Gate) -> None:
-    """A raw ASGI call whose client goes away while its images wait in the queue."""
+    """A raw ASGI call whose client goes away while its images wait in the queue (filling it): the
+    images never run, and their places are free for the next request at once, while the worker is
+    still busy."""
 
     async def body() -> None:
-        async with running(settings_for(tiny_bundle), hook=gate.wrap) as (app, c):
+        async with running(settings_for(tiny_bundle, max_queue=3), hook=gate.wrap) as (app, c):
             gate.batches.clear()
             gate.hold()
             first = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
@@ -161,9 +163,16 @@ def test_disconnected_client_work_is_not_run(tiny_bundle: Path, gate: Gate) -> N
             await wait_depth(app, 3)
             gone.set()  # the client leaves while its three images are queued
             await asyncio.wait_for(call, 10)
+            assert app.state.cotap.scheduler.depth == 3  # nothing has purged them yet
+            admitted = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            for _ in range(500):  # admitted and queued: the dead images gave their places back
+                if app.state.cotap.scheduler.depth == 1 and not admitted.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert app.state.cotap.scheduler.depth == 1 and not admitted.done()
             gate.release()
             assert (await first).status_code == 200
-            assert (await c.post("/v1/embed", files=image_parts([jpeg()]))).status_code == 200
+            assert (await admitted).status_code == 200
             assert gate.batches == [1, 1]  # the disconnected request's images never reached the model
             text = (await c.get("/metrics")).text
             assert metric(text, "cotap_dropped_images_total", reason="cancelled") == 3

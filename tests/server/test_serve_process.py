@@ -91,6 +91,47 @@ def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path)
     assert [x["status"] for x in served][:1] == [200] and len(served[0]["request_id"]) == 32
 
 
+def test_drain_timeout_bounds_the_whole_stop(tiny_bundle: Path, tmp_path: Path) -> None:
+    # an upload that never finishes: the process still exits drain_timeout_s (+ about 1 s) after
+    # SIGTERM, not once per shutdown stage
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "COTAP_DRAIN_TIMEOUT_S": "3", "COTAP_BODY_TIMEOUT_S": "60"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "cotap.cli.main",
+        "serve",
+        "--model",
+        f"tiny={tiny_bundle}",
+        "--port",
+        str(port),
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    stalled = socket.socket()
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, log=log)
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(
+            b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"
+        )
+        time.sleep(0.3)
+        t_term = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        took = time.monotonic() - t_term
+        assert 3.0 <= took < 5.0, took  # before: 3 s drain + 3 s of uvicorn's graceful wait
+    finally:
+        stalled.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    msgs = [json.loads(x)["msg"] for x in log.read_text().splitlines() if x.startswith("{")]
+    assert "drain timeout: stopping with requests in flight" in msgs and "stopped" in msgs
+
+
 def test_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
