@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None, *, backend_hook: BackendHook | 
         redoc_url=None,
     )
     app.state.cotap = state
+    if settings.api_key is not None:
+        _declare_bearer_key(app)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -67,3 +70,19 @@ def create_app(settings: Settings | None = None, *, backend_hook: BackendHook | 
             expose_headers=[REQUEST_ID_HEADER, MODEL_HEADER, BUNDLE_HASH_HEADER, *TIMING_HEADERS.values()],
         )
     return app
+
+
+def _declare_bearer_key(app: FastAPI) -> None:
+    """Say in the OpenAPI description that calls need `Authorization: Bearer <key>`, so that
+    /docs offers an Authorize button (the middleware checks the key, not FastAPI)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": "the server's API key"}
+            schema["security"] = [{"bearer": []}]
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]

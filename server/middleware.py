@@ -21,6 +21,9 @@ log = logging.getLogger("cotap.server.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _OPEN_PREFIXES = ("/health/",)  # no API key: probes
 _PUBLIC_PAGE = ("/", "/static/")  # no API key: the web page's own files (it sends the key itself)
+# no API key: the API's description, so that /docs loads in a browser (its Authorize button then
+# sends the key on every call it makes)
+_PUBLIC_DOCS = ("/openapi.json", "/docs")
 
 
 class RequestContextMiddleware:
@@ -68,7 +71,11 @@ class RequestContextMiddleware:
             await send(message)
 
         public = (
-            path.startswith(_OPEN_PREFIXES) or path == _PUBLIC_PAGE[0] or path.startswith(_PUBLIC_PAGE[1])
+            path.startswith(_OPEN_PREFIXES)
+            or path == _PUBLIC_PAGE[0]
+            or path.startswith(_PUBLIC_PAGE[1])
+            or path == _PUBLIC_DOCS[0]
+            or path.startswith(_PUBLIC_DOCS[1])
         )
         ok, why = (True, "") if public else self._authorized(headers)
         if not ok:

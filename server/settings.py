@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cotap.core.images import MAX_DECODABLE_PIXELS
+
 MiB = 1024 * 1024
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
@@ -78,7 +80,9 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(
         64, ge=1, description="images per request (a correspondence pair counts two)"
     )
-    max_pixels: int = Field(40_000_000, ge=1, description="largest declared image size, in pixels")
+    max_pixels: int = Field(
+        40_000_000, ge=1, le=MAX_DECODABLE_PIXELS, description="largest declared image size, in pixels"
+    )
     min_side: int = Field(16, ge=1, description="smallest accepted shorter image side, in pixels")
     max_parts: int = Field(130, ge=1, description="multipart parts per request")
     max_json_depth: int = Field(

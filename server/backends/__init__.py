@@ -51,9 +51,9 @@ def choose_backend(bundle: Bundle, name: str, options: BackendOptions) -> tuple[
         return name, []
     notes: list[str] = []
     if importlib.util.find_spec("tensorrt") is not None and options.device != "cpu":
-        from cotap.server.backends.tensorrt_backend import usable_engine
+        from cotap.server.backends.tensorrt_backend import engine_device_index, usable_engine
 
-        record, _, reason = usable_engine(bundle, options.precision)
+        record, _, reason = usable_engine(bundle, options.precision, engine_device_index(options.device))
         if record is not None:
             return "tensorrt", notes
         notes.append(f"tensorrt: {reason}")

@@ -15,34 +15,30 @@ import numpy as np
 
 from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineArtifact, engine_artifacts
 from cotap.core.bundle import Bundle
-from cotap.core.engine_compat import DeviceFacts, engine_compatibility
+from cotap.core.engine_compat import device_facts, engine_compatibility
 from cotap.server.backends.base import Backend, BackendError, BackendOptions
 
 
-def device_facts() -> tuple[DeviceFacts | None, str]:
-    """This machine as TensorRT sees it, or None with the reason it cannot run engines."""
-    try:
-        import tensorrt as trt
-        import torch
-    except Exception as e:
-        return None, f"tensorrt cannot be imported here ({e}); install the 'gpu' extra from NVIDIA's index"
-    if not torch.cuda.is_available():
-        return None, "no CUDA device visible to torch; TensorRT engines need one"
-    dev = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(dev)
-    return (
-        DeviceFacts(
-            gpu_name=props.name,
-            compute_capability=f"{props.major}.{props.minor}",
-            tensorrt_version=trt.__version__,
-            integrated=bool(getattr(props, "is_integrated", False)),
-        ),
-        "",
-    )
+def engine_device_index(device: str) -> int | None:
+    """The CUDA device index `--device` names for TensorRT (None: the current one); engines never
+    run on the CPU."""
+    if device in ("auto", "cuda"):
+        return None
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    if device == "cpu":
+        raise BackendError(
+            "TensorRT engines run on NVIDIA GPUs only; for --device cpu serve the bundle with "
+            "--backend onnxruntime or --backend torch"
+        )
+    raise BackendError(f"unknown device {device!r}: use auto, cuda or cuda:N")
 
 
-def usable_engine(bundle: Bundle, precision: str) -> tuple[EngineArtifact | None, list[str], str]:
-    """(an engine that runs here or None, warnings, the reason when None). Never raises."""
+def usable_engine(
+    bundle: Bundle, precision: str, device_index: int | None = None
+) -> tuple[EngineArtifact | None, list[str], str]:
+    """(an engine that runs on GPU `device_index` here or None, warnings, the reason when None).
+    Never raises."""
     records = engine_artifacts(bundle)
     if not records:
         return (
@@ -53,7 +49,7 @@ def usable_engine(bundle: Bundle, precision: str) -> tuple[EngineArtifact | None
                 f"`cotap export tensorrt --bundle {bundle.path} --target TARGET`"
             ),
         )
-    facts, why = device_facts()
+    facts, why = device_facts(device_index)
     if facts is None:
         return None, [], why
     reasons = []
@@ -89,7 +85,8 @@ class TensorRTBackend(Backend):
 
     def __init__(self, bundle: Bundle, options: BackendOptions) -> None:
         super().__init__(bundle, options)
-        record, warnings, reason = usable_engine(bundle, options.precision)
+        index = engine_device_index(options.device)
+        record, warnings, reason = usable_engine(bundle, options.precision, index)
         if record is None:
             raise BackendError(reason)
         import tensorrt as trt
@@ -103,24 +100,25 @@ class TensorRTBackend(Backend):
         self.precision = record.precision
         self.max_batch = record.max_batch
         self.sizes = frozenset(record.sizes)
-        self._dev = torch.device("cuda", torch.cuda.current_device())
+        self._dev = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         self.device = str(self._dev)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(bundle.file(record.file).read_bytes())
-        if engine is None:
-            raise BackendError(
-                f"TensorRT could not deserialise {record.file}; rebuild it on this machine with "
-                f"`cotap export tensorrt --bundle {bundle.path} --target {record.target}`"
-            )
-        self._engine = engine
-        self._context = engine.create_execution_context()
+        with torch.cuda.device(self._dev):  # TensorRT works on the current CUDA device
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            engine = runtime.deserialize_cuda_engine(bundle.file(record.file).read_bytes())
+            if engine is None:
+                raise BackendError(
+                    f"TensorRT could not deserialise {record.file}; rebuild it on this machine with "
+                    f"`cotap export tensorrt --bundle {bundle.path} --target {record.target}`"
+                )
+            self._engine = engine
+            self._context = engine.create_execution_context()
         self._lock = threading.Lock()  # one execution context, used by one thread at a time
         self.ops = TorchOps(self._dev)
 
     def forward(self, images: np.ndarray) -> dict[str, Any]:
         torch = self._torch
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self._dev)  # (B, 3, H, W)
-        with self._lock:
+        with self._lock, torch.cuda.device(self._dev):
             ctx = self._context
             ctx.set_input_shape(INPUT_NAME, tuple(x.shape))
             ctx.set_tensor_address(INPUT_NAME, x.data_ptr())

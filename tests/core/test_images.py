@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cotap.core.images import DecodeLimits, ImageDecodeError, decode_image, load_pixels
+from cotap.core.images import (
+    MAX_DECODABLE_PIXELS,
+    DecodeLimits,
+    ImageDecodeError,
+    decode_image,
+    load_pixels,
+)
 from cotap.core.preprocess import PreprocessConfig
 from cotap.core.wire import ErrorCode
 
@@ -122,6 +128,19 @@ def test_guards(data: bytes, code: ErrorCode) -> None:
     with pytest.raises(ImageDecodeError) as e:
         decode_image(data, DecodeLimits(max_pixels=40_000_000, min_side=16))
     assert e.value.code == code
+
+
+def test_max_pixels_decides_up_to_pillows_hard_limit() -> None:
+    # 95 MP is over Pillow's warning threshold (89 MP): max_pixels decides, not Pillow
+    header = _png_header_only(10_000, 9_500)
+    with pytest.raises(ImageDecodeError, match="the limit is 90000000") as e:
+        decode_image(header, DecodeLimits(max_pixels=90_000_000))
+    assert e.value.code == ErrorCode.IMAGE_TOO_LARGE
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(header, DecodeLimits(max_pixels=100_000_000))
+    assert e.value.code == ErrorCode.BAD_IMAGE  # admitted by the guard; its pixel data is truncated
+    with pytest.raises(ValueError, match="Pillow refuses larger images"):
+        DecodeLimits(max_pixels=MAX_DECODABLE_PIXELS + 1)
 
 
 def test_truncated_jpeg_is_bad_image() -> None:

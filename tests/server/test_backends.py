@@ -95,10 +95,22 @@ def test_onnxruntime_and_tensorrt_refuse_a_bundle_without_artefacts(tiny_bundle:
     with pytest.raises(BackendError, match="cotap export onnx --bundle"):
         build_backend(b, "onnxruntime", CPU)
     with pytest.raises(BackendError, match="cotap export tensorrt"):
-        build_backend(b, "tensorrt", CPU)
+        build_backend(b, "tensorrt", BackendOptions(device="cuda"))
+    with pytest.raises(BackendError, match="NVIDIA GPUs only.*--backend onnxruntime"):
+        build_backend(b, "tensorrt", CPU)  # never quietly on a GPU when the CPU was asked for
     with pytest.raises(BackendError, match="unknown backend"):
         build_backend(b, "tvm", CPU)
     assert choose_backend(b, "auto", CPU)[0] == "torch"
+
+
+def test_tensorrt_device_names() -> None:
+    from cotap.server.backends.tensorrt_backend import engine_device_index
+
+    assert engine_device_index("auto") is None and engine_device_index("cuda") is None
+    assert engine_device_index("cuda:1") == 1
+    for bad in ("cuda:x", "mps", "gpu"):
+        with pytest.raises(BackendError, match="unknown device"):
+            engine_device_index(bad)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +174,7 @@ def test_onnxruntime_refuses_sizes_it_was_not_exported_for(onnx_bundle: Path) ->
 
 @pytest.mark.trt
 def test_tensorrt_backend_checks_the_engine_against_this_gpu(tiny_bundle: Path) -> None:
-    from cotap.server.backends.tensorrt_backend import device_facts
+    from cotap.core.engine_compat import device_facts
 
     facts, why = device_facts()
     assert facts is not None, why

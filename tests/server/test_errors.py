@@ -168,8 +168,12 @@ def test_401_api_key(tiny_bundle: Path) -> None:
             assert "invalid" in envelope(r, 401, "unauthorized") and r.headers["www-authenticate"] == "Bearer"
             envelope(await c.get("/metrics"), 401, "unauthorized")
             envelope(
-                await c.get("/openapi.json", headers={"authorization": "Basic s3cret"}), 401, "unauthorized"
+                await c.get("/v1/models", headers={"authorization": "Basic s3cret"}), 401, "unauthorized"
             )
+            spec = await c.get("/openapi.json")  # the description is public: /docs loads in a browser
+            assert spec.status_code == 200 and spec.json()["security"] == [{"bearer": []}]
+            assert spec.json()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+            assert (await c.get("/docs")).status_code == 200
             assert (await c.get("/health/ready")).status_code == 200
             assert (await c.get("/health/live")).status_code == 200
             ok = await c.post(
