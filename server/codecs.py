@@ -220,20 +220,29 @@ def encode_safetensors(result: Result) -> bytes:
     return save_safetensors(tensors, metadata=_meta_strings(result.metadata))
 
 
-def encode_json(result: Result, max_bytes: int) -> bytes:
-    too_big = (
-        "the JSON answer would be {} bytes, over the limit of {} bytes: ask for the binary form with "
-        f"'Accept: {SAFETENSORS_MEDIA_TYPE}' (float16, about 6x smaller), or for fewer outputs"
+def json_too_big(size: str, max_bytes: int) -> ServerError:
+    return ServerError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"the JSON answer would be {size} bytes, over the limit of {max_bytes} bytes: ask for the binary "
+        f"form with 'Accept: {SAFETENSORS_MEDIA_TYPE}' (float16, about 6x smaller), or for fewer outputs",
     )
-    elements = sum(int(v.size) for v in result.tensors.values())
-    if 2 * elements > max_bytes:  # every number takes at least 2 characters ("0,")
-        raise ServerError(ErrorCode.PAYLOAD_TOO_LARGE, too_big.format(f"at least {2 * elements}", max_bytes))
+
+
+def check_json_room(values: int, max_bytes: int) -> None:
+    """413 when a JSON answer of `values` numbers cannot fit in `max_bytes` (each number takes at
+    least two characters, "0,"): checked before inference, so no model time goes to it."""
+    if 2 * values > max_bytes:
+        raise json_too_big(f"at least {2 * values}", max_bytes)
+
+
+def encode_json(result: Result, max_bytes: int) -> bytes:
+    check_json_room(sum(int(v.size) for v in result.tensors.values()), max_bytes)
     data = orjson.dumps(
         {**result.tensors, METADATA_KEY: result.metadata},
         option=orjson.OPT_SERIALIZE_NUMPY,
     )
     if len(data) > max_bytes:
-        raise ServerError(ErrorCode.PAYLOAD_TOO_LARGE, too_big.format(len(data), max_bytes))
+        raise json_too_big(str(len(data)), max_bytes)
     return data
 
 

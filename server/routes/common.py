@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from starlette.requests import Request
@@ -26,6 +26,7 @@ from cotap.server.codecs import (
     ImagesPayload,
     PayloadKind,
     Result,
+    check_json_room,
     encode_result,
     parse_payload,
     read_body,
@@ -137,10 +138,16 @@ async def _wait(job: Job, request: Request, deadline_ms: int) -> Any:
     raise ServerError(ErrorCode.DEADLINE_EXCEEDED, f"no answer within the deadline of {deadline_ms} ms")
 
 
-# plan(model, options, pixels, original sizes, dtype) -> (finish, metadata)
-InferencePlan = Callable[
-    [ServedModel, Any, list[np.ndarray], list[tuple[int, int]], str], tuple[Finish, dict[str, Any]]
-]
+class Plan(NamedTuple):
+    """What a route will compute for a request, known before it is queued."""
+
+    finish: Finish  # post-processing, on the worker, once every image has run
+    metadata: dict[str, Any]  # the answer's metadata
+    values: int  # how many numbers the answer holds: a JSON answer too big is refused before inference
+
+
+# plan(model, options, pixels, original sizes, dtype) -> Plan
+InferencePlan = Callable[[ServedModel, Any, list[np.ndarray], list[tuple[int, int]], str], Plan]
 
 
 async def _receive(state: ServerState, request: Request) -> bytes:
@@ -171,7 +178,7 @@ async def run_inference(
     plan: InferencePlan,
 ) -> Response:
     """`plan(model, options, pixels, original sizes, dtype)` checks route-specific limits and returns
-    the finish function and the response metadata."""
+    the `Plan`: finish function, response metadata, size of the answer."""
     state = server_state(request)
     ctx = request.scope.setdefault("state", {})
     settings = state.settings
@@ -227,7 +234,9 @@ async def run_inference(
                 )
         binary = wants_binary(request)
         dtype = opts.dtype or ("float16" if binary else "float32")
-        finish, metadata = plan(model, opts, pixels, originals, dtype)
+        finish, metadata, values = plan(model, opts, pixels, originals, dtype)
+        if not binary:
+            check_json_room(values, settings.max_json_bytes)
         loop = asyncio.get_running_loop()
         job = Job(
             model=model.name,
@@ -283,6 +292,11 @@ async def run_inference(
         BUNDLE_HASH_HEADER: model.bundle.sha256,
     }
     return Response(body_bytes, media_type=media_type, headers=headers)
+
+
+def patch_counts(pixels: list[np.ndarray], patch: int) -> list[int]:
+    """Patches in each (3, H, W) model input."""
+    return [(int(x.shape[1]) // patch) * (int(x.shape[2]) // patch) for x in pixels]
 
 
 def grids_metadata(prefix: str, sizes: list[tuple[int, int]], patch: int) -> dict[str, Any]:

@@ -4,7 +4,7 @@ the top k matches and the dense similarity (under a size cap)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -17,12 +17,12 @@ from cotap.server.options import CorrespondOptions
 from cotap.server.registry import ServedModel
 from cotap.server.routes.common import (
     InferencePlan,
+    Plan,
     grids_metadata,
     openapi_body,
     run_inference,
     server_state,
 )
-from cotap.server.scheduler import Finish
 
 router = APIRouter(tags=["inference"])
 
@@ -34,7 +34,7 @@ def _plan_with_cap(max_dense: int) -> InferencePlan:
         pixels: list[np.ndarray],
         originals: list[tuple[int, int]],
         dtype: str,
-    ) -> tuple[Finish, dict[str, Any]]:
+    ) -> Plan:
         p = model.bundle.config.patch_size
         sizes = [(int(x.shape[1]), int(x.shape[2])) for x in pixels]
         src, tgt = sizes[0::2], sizes[1::2]
@@ -45,8 +45,9 @@ def _plan_with_cap(max_dense: int) -> InferencePlan:
                 ErrorCode.INVALID_PARAMETERS,
                 f"top_k={opts.top_k} but a target image has only {fewest} patches",
             )
+        dense_values = sum(a * b for a, b in zip(*patches, strict=True)) if opts.dense else 0
         if opts.dense:
-            elements = sum(a * b for a, b in zip(*patches, strict=True))
+            elements = dense_values
             if elements > max_dense:
                 raise ServerError(
                     ErrorCode.INVALID_PARAMETERS,
@@ -67,7 +68,9 @@ def _plan_with_cap(max_dense: int) -> InferencePlan:
             **grids_metadata("source_", src, p),
             **grids_metadata("target_", tgt, p),
         }
-        return tasks.correspond(opts.top_k, opts.mutual_only, opts.dense, dtype), meta
+        per_patch = 3 + (2 * opts.top_k if opts.top_k > 1 else 0)  # match, score, mutual (+ top k)
+        values = per_patch * sum(patches[0]) + dense_values
+        return Plan(tasks.correspond(opts.top_k, opts.mutual_only, opts.dense, dtype), meta, values)
 
     return plan
 

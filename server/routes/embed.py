@@ -8,11 +8,11 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from cotap.core.wire import CLS, PATCH
 from cotap.server import tasks
 from cotap.server.options import EmbedOptions
 from cotap.server.registry import ServedModel
-from cotap.server.routes.common import grids_metadata, openapi_body, run_inference
-from cotap.server.scheduler import Finish
+from cotap.server.routes.common import Plan, grids_metadata, openapi_body, patch_counts, run_inference
 
 router = APIRouter(tags=["inference"])
 
@@ -37,9 +37,15 @@ def _plan(
     pixels: list[np.ndarray],
     originals: list[tuple[int, int]],
     dtype: str,
-) -> tuple[Finish, dict[str, Any]]:
+) -> Plan:
     meta = input_metadata(model, pixels, originals) | {"normalized": opts.normalize, "outputs": opts.outputs}
-    return tasks.embed(opts.outputs, opts.normalize, dtype), meta
+    dim = model.bundle.config.embed_dim
+    per_patch = dim if PATCH in opts.outputs else 0
+    values = sum(
+        per_patch * n + (dim if CLS in opts.outputs else 0)
+        for n in patch_counts(pixels, model.bundle.config.patch_size)
+    )
+    return Plan(tasks.embed(opts.outputs, opts.normalize, dtype), meta, values)
 
 
 @router.post(

@@ -3,7 +3,7 @@ probabilities, all M or the top k."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
@@ -14,9 +14,8 @@ from cotap.server import tasks
 from cotap.server.errors import ServerError
 from cotap.server.options import PrototypeOptions
 from cotap.server.registry import ServedModel
-from cotap.server.routes.common import openapi_body, run_inference
+from cotap.server.routes.common import Plan, openapi_body, patch_counts, run_inference
 from cotap.server.routes.embed import input_metadata
-from cotap.server.scheduler import Finish
 
 router = APIRouter(tags=["inference"])
 
@@ -27,7 +26,7 @@ def _plan(
     pixels: list[np.ndarray],
     originals: list[tuple[int, int]],
     dtype: str,
-) -> tuple[Finish, dict[str, Any]]:
+) -> Plan:
     m = model.bundle.config.num_prototypes
     if opts.top_k is not None and opts.top_k > m:
         raise ServerError(
@@ -38,7 +37,9 @@ def _plan(
         "top_k": opts.top_k,
         "prototypes_initialized": model.bundle.config.prototypes_initialized,
     }
-    return tasks.prototypes(opts.top_k, dtype), meta
+    per_patch = 1 + (m if opts.top_k is None else 2 * opts.top_k)  # id, then probabilities (+ ids)
+    values = per_patch * sum(patch_counts(pixels, model.bundle.config.patch_size))
+    return Plan(tasks.prototypes(opts.top_k, dtype), meta, values)
 
 
 @router.post(

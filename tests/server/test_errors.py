@@ -133,6 +133,26 @@ def test_4xx_statuses(tiny_bundle: Path) -> None:
     run(body())
 
 
+def test_json_answer_that_cannot_fit_is_refused_before_inference(tiny_bundle: Path, gate: Gate) -> None:
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, max_json_bytes=2000), hook=gate.wrap) as (_, c):
+            gate.batches.clear()
+            # one 40x48 image: 4x4 patches x 64 + cls 64 = 1088 numbers, at least 2176 bytes of JSON
+            msg = envelope(
+                await c.post("/v1/embed", files=parts("image", [jpeg()])), 413, "payload_too_large"
+            )
+            assert "at least 2176 bytes" in msg and SAFETENSORS_MEDIA_TYPE in msg
+            assert gate.batches == []  # no model time spent on it
+            msg = envelope(
+                await c.post("/v1/prototypes", files=parts("image", [jpeg()])), 413, "payload_too_large"
+            )
+            assert "at least 2080 bytes" in msg  # 16 patches x (id + 64 probabilities)
+            ok = await c.post("/v1/embed?outputs=cls", files=parts("image", [jpeg()]))
+            assert ok.status_code == 200 and gate.batches == [1]
+
+    run(body())
+
+
 def test_dense_cap_and_json_cap(tiny_bundle: Path) -> None:
     async def body() -> None:
         async with running(settings_for(tiny_bundle, max_dense_elements=16 * 16, max_json_bytes=4096)) as (

@@ -4,6 +4,7 @@ answers agree, prototypes are the argmax of `assign`, correspondences equal a Nu
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,45 @@ class open_safetensors_metadata:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [
+        ("/v1/prototypes", "images"),
+        ("/v1/prototypes?top_k=3", "images"),
+        ("/v1/correspond?top_k=3&dense=true", "pairs"),
+        ("/v1/correspond?mutual_only=true", "pairs"),
+    ],
+)
+def test_binary_equals_json_for_every_route(tiny_bundle: Path, path: str, fields: str) -> None:
+    images = [jpeg(40, 48, 11), jpeg(48, 40, 12)]
+    files = (
+        parts("image", images)
+        if fields == "images"
+        else parts("source", images[:1]) + parts("target", images[1:])
+    )
+
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle)) as (_, c):
+            sep = "&" if "?" in path else "?"
+            r_json = await c.post(f"{path}{sep}dtype=float32", files=files)
+            r_bin = await c.post(f"{path}{sep}dtype=float32", files=files, headers=BINARY)
+            assert r_json.status_code == 200 and r_bin.status_code == 200, (r_json.text, r_bin.text)
+            doc = r_json.json()
+            tensors = load_safetensors(r_bin.content)
+            assert set(tensors) == set(doc) - {"__metadata__"}
+            for name, t in tensors.items():
+                j = np.asarray(doc[name])
+                assert t.shape == j.shape, name
+                np.testing.assert_array_equal(t, j.astype(t.dtype), err_msg=name)
+            with open_safetensors_metadata(r_bin.content) as m:  # str -> str: other values as JSON
+                meta = doc["__metadata__"]
+                assert set(m) == set(meta)
+                for k, v in meta.items():
+                    assert (m[k] if isinstance(v, str) else json.loads(m[k])) == v, k
+
+    run(body())
 
 
 def test_json_base64_body_with_options_equals_multipart(tiny_bundle: Path) -> None:
