@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from cotap.core.images import load_pixels
 from cotap.core.preprocess import PreprocessConfig
 from cotap.core.wire import REQUEST_ID_HEADER, SAFETENSORS_MEDIA_TYPE, TIMING_HEADERS
 from cotap.training.checkpoints import load_model
-from tests.server.helpers import jpeg, make_tiny_bundle, metric, run, running, settings_for
+from tests.server.helpers import encode, jpeg, make_tiny_bundle, metric, run, running, settings_for
 
 BINARY = {"accept": SAFETENSORS_MEDIA_TYPE}
 
@@ -208,6 +209,51 @@ def test_json_base64_body_with_options_equals_multipart(tiny_bundle: Path) -> No
             assert rj.status_code == rm.status_code == 200
             for k, v in as_arrays(rm.json()).items():
                 np.testing.assert_array_equal(as_arrays(rj.json())[k], v)
+
+    run(body())
+
+
+def test_large_bodies_are_parsed_off_the_event_loop(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bodies of 1 MiB or more parse on the decode pool (the loop keeps serving); same answers
+    from cotap.server import codecs
+
+    threads: list[str] = []  # where each body was parsed
+    real_json, real_multipart = codecs.parse_json, codecs.parse_multipart
+
+    def spy_json(*a: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_json(*a)
+
+    async def spy_multipart(*a: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return await real_multipart(*a)
+
+    monkeypatch.setattr(codecs, "parse_json", spy_json)
+    monkeypatch.setattr(codecs, "parse_multipart", spy_multipart)
+    rng = np.random.default_rng(0)
+    noise = encode(rng.integers(0, 256, (700, 700, 3), dtype=np.uint8), "PNG")  # about 1.4 MB
+    small = jpeg(40, 40, 3)
+    assert len(noise) > codecs.INLINE_PARSE_BYTES > len(small)
+
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle)) as (_, c):
+            answers = []
+            for images in ([small, noise], [small]):
+                threads.clear()
+                m = await c.post("/v1/embed?outputs=cls", files=parts("image", images))
+                j = await c.post(
+                    "/v1/embed",
+                    json={"images": [base64.b64encode(b).decode() for b in images], "outputs": ["cls"]},
+                )
+                assert m.status_code == j.status_code == 200, (m.text, j.text)
+                np.testing.assert_array_equal(as_arrays(m.json())["cls"], as_arrays(j.json())["cls"])
+                answers.append(as_arrays(m.json())["cls"][0])
+                loop_thread = threading.main_thread().name
+                on_pool = [t != loop_thread for t in threads]
+                assert on_pool == ([True, True] if len(images) == 2 else [False, False]), threads
+            np.testing.assert_allclose(answers[0], answers[1], atol=1e-5)  # the small image alone or batched
 
     run(body())
 
