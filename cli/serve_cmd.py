@@ -20,6 +20,8 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("api_key", str, "require 'Authorization: Bearer KEY' on every route but /health"),
     ("cors_origins", str, "comma-separated origins allowed by CORS ('*' for any)"),
     ("max_body_bytes", int, "largest request body (default 32 MiB)"),
+    ("max_header_bytes", int, "request line + headers before 431 (default 64 KiB)"),
+    ("max_field_bytes", int, "a text (option) part of a multipart body before 413 (default 64 KiB)"),
     ("header_timeout_s", float, "seconds for a request line and headers to arrive before 408 (default 10)"),
     ("body_timeout_s", float, "seconds to receive a whole request body before 408 (default 30)"),
     ("max_uploads", int, "request bodies received at once before 429 (default 32)"),
@@ -38,7 +40,7 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("worker_threads", int, "inference worker threads (default 1)"),
     ("decode_threads", int, "image decoding threads (default 2)"),
     ("intra_op_threads", int, "threads inside one forward; 0 = library default"),
-    ("drain_timeout_s", float, "on SIGTERM, wait this long for in-flight requests (default 30)"),
+    ("drain_timeout_s", float, "on SIGTERM, the whole stop takes at most this long, + ~1 s (default 30)"),
     ("log_level", str, "debug | info | warning | error (default info)"),
 ]
 

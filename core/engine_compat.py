@@ -33,7 +33,8 @@ class EngineCompatibilityError(Exception):
 
 @dataclass(frozen=True)
 class DeviceFacts:
-    """A GPU of this machine as TensorRT sees it (`device_facts()` reads it)."""
+    """A GPU of this machine as TensorRT sees it (the server's and the exporter's TensorRT code,
+    which may import torch, read it; core does not)."""
 
     gpu_name: str
     compute_capability: str  # "8.7"
@@ -88,31 +89,6 @@ def _get(record: Any, name: str, default: Any = None) -> Any:
     if isinstance(record, Mapping):
         return record.get(name, default)
     return getattr(record, name, default)
-
-
-def device_facts(index: int | None = None) -> tuple[DeviceFacts | None, str]:
-    """GPU `index` of this machine (default: the current one) as TensorRT sees it, or None with the
-    reason it cannot run engines. Imports tensorrt and torch only when called."""
-    try:
-        import tensorrt as trt
-        import torch
-    except Exception as e:  # ModuleNotFoundError, or missing libnvinfer*.so
-        return None, f"tensorrt cannot be imported here ({e}); install the 'gpu' extra from NVIDIA's index"
-    if not torch.cuda.is_available():
-        return None, "no CUDA device visible to torch; TensorRT engines need one"
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        return None, f"device cuda:{index} does not exist: {count} CUDA device(s)"
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
-    return (
-        DeviceFacts(
-            gpu_name=props.name,
-            compute_capability=f"{props.major}.{props.minor}",
-            tensorrt_version=str(trt.__version__),
-            integrated=bool(getattr(props, "is_integrated", False)),
-        ),
-        "",
-    )
 
 
 def engine_compatibility(record: Any, device: DeviceFacts) -> Compatibility:

@@ -37,7 +37,7 @@ from cotap.core.artifacts import (
     replace_record,
 )
 from cotap.core.bundle import add_files, read_bundle, sha256_file
-from cotap.core.engine_compat import DeviceFacts, device_facts, parse_compute_capability, parse_version
+from cotap.core.engine_compat import DeviceFacts, parse_compute_capability, parse_version
 from cotap.export.fixtures import check_sizes, fixture_images, folder_images, preprocess_batch
 from cotap.export.gate import THRESHOLDS, GateError, GateReport, compare_outputs, torch_outputs
 from cotap.export.quantize import FP32_OPS
@@ -70,7 +70,20 @@ def import_tensorrt() -> Any:
 
 def local_device_facts() -> DeviceFacts | None:
     """This machine's first GPU and TensorRT version, or None without TensorRT or a CUDA GPU."""
-    return device_facts(0)[0]
+    try:
+        trt = import_tensorrt()
+        import torch
+    except (TensorRTUnavailable, ImportError):
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return DeviceFacts(
+        gpu_name=torch.cuda.get_device_name(0),
+        compute_capability=f"{props.major}.{props.minor}",
+        tensorrt_version=str(trt.__version__),
+        integrated=bool(getattr(props, "is_integrated", False)),
+    )
 
 
 def build_refusal(target: Target, facts: DeviceFacts | None) -> str | None:

@@ -137,20 +137,23 @@ def parse_json(body: bytes, kind: PayloadKind, max_depth: int) -> ImagesPayload:
     return ImagesPayload(images, doc)
 
 
-async def parse_multipart(headers: Headers, body: bytes, kind: PayloadKind, max_parts: int) -> ImagesPayload:
+async def parse_multipart(
+    headers: Headers, body: bytes, kind: PayloadKind, max_parts: int, max_field_bytes: int = 64 * 1024
+) -> ImagesPayload:
     """Repeated `image` file parts, or `source`/`target` parts paired in order; other (text) fields
-    are options."""
+    are options, each at most `max_field_bytes`."""
 
     async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
     parser = MultiPartParser(
-        headers, stream(), max_files=max_parts, max_fields=max_parts, max_part_size=64 * 1024
+        headers, stream(), max_files=max_parts, max_fields=max_parts, max_part_size=max_field_bytes
     )
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        code = ErrorCode.PAYLOAD_TOO_LARGE if "Too many" in e.message else ErrorCode.INVALID_PARAMETERS
+        too_big = "Too many" in e.message or "maximum size" in e.message
+        code = ErrorCode.PAYLOAD_TOO_LARGE if too_big else ErrorCode.INVALID_PARAMETERS
         raise ServerError(code, f"multipart body refused: {e.message}") from e
     try:
         names = (IMAGE_FIELD,) if kind == "images" else PAIR_FIELDS
@@ -191,6 +194,7 @@ async def parse_payload(
     kind: PayloadKind,
     max_parts: int,
     max_depth: int,
+    max_field_bytes: int = 64 * 1024,
     pool: Executor | None = None,
 ) -> ImagesPayload:
     """The images and options of a multipart or base64-JSON body. Bodies of `INLINE_PARSE_BYTES`
@@ -200,7 +204,7 @@ async def parse_payload(
     offload = pool is not None and len(body) >= INLINE_PARSE_BYTES
     loop = asyncio.get_running_loop()
     if ctype == "multipart/form-data":
-        parse = parse_multipart(request.headers, body, kind, max_parts)
+        parse = parse_multipart(request.headers, body, kind, max_parts, max_field_bytes)
         if offload:
             return await loop.run_in_executor(pool, asyncio.run, parse)  # a loop of its own there
         return await parse

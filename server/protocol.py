@@ -4,7 +4,7 @@ uvicorn's httptools protocol buffers a request's line and headers without any li
 header was accepted) and for as long as they take to arrive, so one client could make the server
 hold any amount of memory, or a connection forever (slowloris), before the app sees the request.
 Here bytes received while a request's headers are incomplete are counted, and past
-`MAX_HEADER_BYTES` the connection gets 431 with the error envelope and is closed; and a request
+`max_header_bytes` the connection gets 431 with the error envelope and is closed; and a request
 line and headers that have not all arrived `header_timeout_s` after the request began (or after
 the connection opened, for a connection that sends nothing) get 408 with the envelope (or, when
 nothing was sent, a plain close). With the pure-Python h11 protocol (when httptools is missing)
@@ -20,18 +20,17 @@ from typing import Any
 from cotap.core.wire import ERROR_MEDIA_TYPE, ErrorCode
 from cotap.server.errors import envelope_bytes
 
-MAX_HEADER_BYTES = 64 * 1024  # request line + headers; nginx's default buffers hold 4 x 8 KiB
 
-
-def http_protocol(header_timeout_s: float = 10.0) -> Any:
-    """The protocol class for `uvicorn.Config(http=...)`: bounded httptools, else "h11"."""
+def http_protocol(header_timeout_s: float = 10.0, max_header_bytes: int = 64 * 1024) -> Any:
+    """The protocol class for `uvicorn.Config(http=...)`: bounded httptools, else "h11" (then
+    pass `h11_max_incomplete_event_size=max_header_bytes`)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # no httptools: h11 bounds headers itself (h11_max_incomplete_event_size)
         return "h11"
 
     class BoundedHeadersProtocol(HttpToolsProtocol):
-        """Refuses (431) a request whose line and headers exceed `MAX_HEADER_BYTES`.
+        """Refuses (431) a request whose line and headers exceed `max_header_bytes`.
 
         Only reads that end with the headers still incomplete are counted, and not the read in
         which the request began (its start may hold the end of an earlier pipelined request), so
@@ -94,15 +93,15 @@ def http_protocol(header_timeout_s: float = 10.0) -> Any:
             if not self._in_head or self._began_in_read or self.transport.is_closing():
                 return
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEADER_BYTES:
+            if self._head_bytes > max_header_bytes:
                 self._refuse()
 
         def _refuse(self) -> None:
-            self.logger.warning("request headers over %d bytes refused (431)", MAX_HEADER_BYTES)
+            self.logger.warning("request headers over %d bytes refused (431)", max_header_bytes)
             self._answer(
                 "431 Request Header Fields Too Large",
                 ErrorCode.PAYLOAD_TOO_LARGE,
-                f"request line and headers exceed {MAX_HEADER_BYTES} bytes",
+                f"request line and headers exceed {max_header_bytes} bytes (max_header_bytes)",
             )
 
         def _answer(self, status: str, code: ErrorCode, message: str) -> None:

@@ -17,7 +17,7 @@ import uvicorn
 
 from cotap.server.app import create_app
 from cotap.server.logs import configure_logging
-from cotap.server.protocol import MAX_HEADER_BYTES, http_protocol
+from cotap.server.protocol import http_protocol
 from cotap.server.settings import Settings
 from cotap.server.state import ServerState
 
@@ -78,9 +78,9 @@ def serve(settings: Settings) -> int:
         # uvicorn's own wait for open requests comes after the drain (which ends idle, or when its
         # budget is spent), so it is short: the whole stop takes drain_timeout_s + about 1 s
         timeout_graceful_shutdown=1,
-        # request line + headers bounded in size (431 beyond MAX_HEADER_BYTES) and time (408)
-        http=http_protocol(settings.header_timeout_s),
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        # request line + headers bounded in size (431 beyond max_header_bytes) and time (408)
+        http=http_protocol(settings.header_timeout_s, settings.max_header_bytes),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     server = DrainingServer(config, state)
     exit_code = 0

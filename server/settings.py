@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from cotap.core.images import MAX_DECODABLE_PIXELS
 
 MiB = 1024 * 1024
+KiB = 1024
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
 
     # -- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body (413 beyond)")
+    max_header_bytes: int = Field(
+        64 * KiB, ge=1024, description="request line + headers (431 beyond; cotap serve)"
+    )
+    max_field_bytes: int = Field(
+        64 * KiB, ge=64, description="a text (option) part of a multipart body (413 beyond)"
+    )
     header_timeout_s: float = Field(
         10.0, gt=0, description="time for a request line and headers to arrive (408 beyond; cotap serve)"
     )
@@ -149,6 +156,8 @@ class Settings(BaseSettings):
         """The limits clients should know about (reported by /v1/models)."""
         keys = (
             "max_body_bytes",
+            "max_header_bytes",
+            "max_field_bytes",
             "header_timeout_s",
             "body_timeout_s",
             "max_uploads",

@@ -15,7 +15,7 @@ import numpy as np
 
 from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineArtifact, engine_artifacts
 from cotap.core.bundle import Bundle
-from cotap.core.engine_compat import device_facts, engine_compatibility
+from cotap.core.engine_compat import DeviceFacts, engine_compatibility
 from cotap.server.backends.base import Backend, BackendError, BackendOptions
 
 
@@ -32,6 +32,31 @@ def engine_device_index(device: str) -> int | None:
             "--backend onnxruntime or --backend torch"
         )
     raise BackendError(f"unknown device {device!r}: use auto, cuda or cuda:N")
+
+
+def device_facts(index: int | None = None) -> tuple[DeviceFacts | None, str]:
+    """GPU `index` (default: the current one) as TensorRT sees it, or None with the reason it
+    cannot run engines."""
+    try:
+        import tensorrt as trt
+        import torch
+    except Exception as e:  # ModuleNotFoundError, or missing libnvinfer*.so
+        return None, f"tensorrt cannot be imported here ({e}); install the 'gpu' extra from NVIDIA's index"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device visible to torch; TensorRT engines need one"
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        return None, f"device cuda:{index} does not exist: {count} CUDA device(s)"
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
+    return (
+        DeviceFacts(
+            gpu_name=props.name,
+            compute_capability=f"{props.major}.{props.minor}",
+            tensorrt_version=str(trt.__version__),
+            integrated=bool(getattr(props, "is_integrated", False)),
+        ),
+        "",
+    )
 
 
 def usable_engine(

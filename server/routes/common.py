@@ -189,7 +189,13 @@ async def run_inference(
         scheduler.check_room(1)  # a full queue refuses before the body is read or parsed
         body = await _receive(state, request)
         payload = await parse_payload(
-            request, body, kind, settings.max_parts, settings.max_json_depth, state.decode_pool
+            request,
+            body,
+            kind,
+            settings.max_parts,
+            settings.max_json_depth,
+            settings.max_field_bytes,
+            state.decode_pool,
         )
         del body
         opts = merge_options(options_cls, query, payload.options)

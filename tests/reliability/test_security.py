@@ -25,7 +25,16 @@ from tests.server.helpers import jpeg, run, running, settings_for
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "s3cret-key"
-PUBLIC = {"/health/live", "/health/ready", "/", "/static/{name}"}  # documented in docs/server.md
+# documented in docs/server.md: probes, the web page's files, the API's description (no data in it)
+PUBLIC = {
+    "/health/live",
+    "/health/ready",
+    "/",
+    "/static/{name}",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+}
 WRONG_AUTH = [
     None,
     "",
@@ -62,7 +71,7 @@ def _request_for(path: str, method: str) -> dict[str, Any]:
     return {"method": method, "url": url}
 
 
-def test_api_key_on_every_route_but_health(tiny_bundle: Path) -> None:
+def test_api_key_on_every_route_but_the_public_ones(tiny_bundle: Path) -> None:
     async def body() -> None:
         async with running(settings_for(tiny_bundle, api_key=KEY, log_level="warning")) as (app, c):
             routes = [
@@ -355,12 +364,22 @@ def _raw(port: int, payload: bytes) -> bytes:
 
 
 def test_request_headers_are_bounded(bench: ModuleType, tiny_bundle: Path, tmp_path: Path) -> None:
-    with bench.ServerProcess(tiny_bundle, tmp_path / "serve.log", log_level="warning") as server:
+    settings = {"log_level": "warning", "max_header_bytes": 16384}
+    with bench.ServerProcess(tiny_bundle, tmp_path / "serve.log", **settings) as server:
         server.wait_ready()
         port = server.port
         head = b"GET /health/live HTTP/1.1\r\nHost: x\r\n"
         small = _raw(port, head + b"X-Big: " + b"a" * 8000 + b"\r\n\r\n")
         assert small.startswith(b"HTTP/1.1 200"), small[:100]
+        # 30 KB of header in three reads: the reads after the request's first one count, 20 KB > 16 KiB
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(head + b"X-Big: " + b"a" * 10_000)
+            for _ in range(2):
+                time.sleep(0.2)
+                with contextlib.suppress(OSError):
+                    s.sendall(b"a" * 10_000)
+            over = s.recv(65536)
+        assert over.startswith(b"HTTP/1.1 431") and b"16384 bytes (max_header_bytes)" in over, over[:300]
         statuses = {}
         for name, payload in {
             "one 300 KB header": head + b"X-Big: " + b"a" * 300_000 + b"\r\n\r\n",

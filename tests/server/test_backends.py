@@ -174,7 +174,7 @@ def test_onnxruntime_refuses_sizes_it_was_not_exported_for(onnx_bundle: Path) ->
 
 @pytest.mark.trt
 def test_tensorrt_backend_checks_the_engine_against_this_gpu(tiny_bundle: Path) -> None:
-    from cotap.core.engine_compat import device_facts
+    from cotap.server.backends.tensorrt_backend import device_facts
 
     facts, why = device_facts()
     assert facts is not None, why
