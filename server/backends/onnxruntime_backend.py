@@ -1,6 +1,11 @@
 """The ONNX Runtime backend: the ONNX models the exporter recorded in the bundle manifest
 (`artifacts["onnx"]`), on the TensorRT, CUDA or CPU execution provider, whichever is available and
-asked for. Post-processing runs in NumPy on the host (the outputs arrive there).
+asked for.
+
+On the CPU, outputs arrive as NumPy arrays and post-processing runs in NumPy. On a GPU, when torch
+with CUDA is installed, inputs and outputs are bound to torch tensors on the GPU (I/O binding) and
+post-processing runs there in torch (`TorchOps`): only the answer is copied to the host. Without
+torch it falls back to NumPy on the host, and says so in the backend's warnings.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def choose_providers(ort: Any, device: str) -> tuple[list[Any], bool]:
         return ["CPUExecutionProvider"], False
     if device not in ("auto", "cuda") and not device.startswith("cuda:"):
         raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    index = _cuda_index(device)
     gpu = [p for p in _GPU_PROVIDERS if p in available]
     if not gpu:
         if device == "auto":
@@ -88,7 +93,9 @@ def choose_providers(ort: Any, device: str) -> tuple[list[Any], bool]:
 class OnnxRuntimeBackend(Backend):
     kind = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, options: BackendOptions) -> None:
+    def __init__(self, bundle: Bundle, options: BackendOptions, bind_torch: bool | None = None) -> None:
+        """`bind_torch`: bind inputs and outputs to torch tensors and post-process in torch (default:
+        on a GPU); tests turn it on for the CPU, where the same code runs."""
         super().__init__(bundle, options)
         ort = _import_ort()
         providers, want_gpu = choose_providers(ort, options.device)
@@ -128,6 +135,18 @@ class OnnxRuntimeBackend(Backend):
         batch_dim = self.session.get_inputs()[0].shape[0]
         if isinstance(batch_dim, int) and batch_dim > 0:
             self.max_batch = batch_dim
+        self._bound: TorchBoundIO | None = None
+        if bind_torch is None:
+            bind_torch = self.device == "cuda"
+        if bind_torch:
+            device_id = _cuda_index(options.device) if self.device == "cuda" else 0
+            self._bound = TorchBoundIO.create(bundle, self.device, device_id)
+            if self._bound is None:
+                self.warnings.append(
+                    "post-processing runs in NumPy on the host: install torch with CUDA to keep it on the GPU"
+                )
+            else:
+                self.ops = self._bound.ops
 
     def _check_io(self) -> None:
         inputs = [i.name for i in self.session.get_inputs()]
@@ -147,8 +166,10 @@ class OnnxRuntimeBackend(Backend):
                     "re-export with dynamic sizes"
                 )
 
-    def forward(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def forward(self, images: np.ndarray) -> dict[str, Any]:
         x = np.ascontiguousarray(images, dtype=np.float32)  # (B, 3, H, W)
+        if self._bound is not None:
+            return self._bound.run(self.session, x)
         outs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return dict(zip(OUTPUT_NAMES, outs, strict=True))
 
@@ -164,3 +185,59 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         del self.session
+
+
+def _cuda_index(device: str) -> int:
+    return int(device.split(":")[1]) if device.startswith("cuda:") else 0
+
+
+class TorchBoundIO:
+    """Runs the session with its input and outputs bound to torch tensors on the model's device
+    (ONNX Runtime I/O binding), so that outputs stay there for `TorchOps`."""
+
+    def __init__(self, torch: Any, device: Any, device_id: int, bundle: Bundle) -> None:
+        from cotap.server.backends.torch_ops import TorchOps
+
+        self.torch = torch
+        self.device = device  # torch.device
+        self.device_type = device.type  # "cuda" or "cpu", as ONNX Runtime names them
+        self.device_id = device_id
+        cfg = bundle.config
+        self.patch, self.dim, self.prototypes = cfg.patch_size, cfg.embed_dim, cfg.num_prototypes
+        self.ops = TorchOps(device)
+
+    @classmethod
+    def create(cls, bundle: Bundle, device: str, device_id: int) -> TorchBoundIO | None:
+        """None when torch (with CUDA, for a GPU) is not installed."""
+        try:
+            import torch
+        except ImportError:
+            return None
+        if device == "cuda" and not torch.cuda.is_available():
+            return None
+        dev = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
+        return cls(torch, dev, device_id, bundle)
+
+    def run(self, session: Any, images: np.ndarray) -> dict[str, Any]:
+        torch = self.torch
+        x = torch.from_numpy(images).to(self.device)  # (B, 3, H, W)
+        b, _, h, w = x.shape
+        gh, gw = h // self.patch, w // self.patch
+        shapes = {
+            "patch": (b, gh, gw, self.dim),
+            "cls": (b, self.dim),
+            "assign": (b, gh, gw, self.prototypes),
+        }
+        outs = {n: torch.empty(shapes[n], dtype=torch.float32, device=self.device) for n in OUTPUT_NAMES}
+        if self.device_type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the input copy is done
+        binding = session.io_binding()
+        binding.bind_input(
+            INPUT_NAME, self.device_type, self.device_id, np.float32, tuple(x.shape), x.data_ptr()
+        )
+        for name, t in outs.items():
+            binding.bind_output(
+                name, self.device_type, self.device_id, np.float32, tuple(t.shape), t.data_ptr()
+            )
+        session.run_with_iobinding(binding)  # returns once the outputs are written
+        return outs

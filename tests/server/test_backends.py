@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -154,6 +155,48 @@ def test_onnxruntime_backend_serves_what_torch_serves(onnx_bundle: Path) -> None
     np.testing.assert_allclose(via_ort["cls"], via_torch["cls"], atol=1e-4)
     agree = (via_ort["prototype_id"] == via_torch["prototype_id"]).mean()
     assert agree > 0.95
+
+
+def test_onnxruntime_io_bound_to_torch_serves_the_same(onnx_bundle: Path) -> None:
+    # what runs on a GPU (inputs/outputs bound to torch tensors, post-processing in TorchOps), run
+    # here on the CPU: the same answers as ONNX Runtime's plain NumPy path
+    from cotap.server.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    b = read_bundle(onnx_bundle)
+    plain = OnnxRuntimeBackend(b, CPU)
+    bound = OnnxRuntimeBackend(b, CPU, bind_torch=True)
+    assert isinstance(plain.ops, NumpyOps) and isinstance(bound.ops, TorchOps)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    a, t = plain.forward(x), bound.forward(x)
+    for name in ("patch", "cls", "assign"):
+        assert isinstance(t[name], torch.Tensor) and tuple(t[name].shape) == a[name].shape, name
+        np.testing.assert_array_equal(t[name].numpy(), a[name], err_msg=name)
+    images = [jpeg(40, 48, i) for i in range(3)]
+
+    async def answers(bind: bool) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load
+
+        def hook(backend: Any) -> Any:
+            return OnnxRuntimeBackend(backend.bundle, backend.options, bind_torch=bind)
+
+        async with running(settings_for(onnx_bundle, backend="onnxruntime"), hook=hook) as (_, c):
+            files = [("image", (f"{i}.jpg", x, "image/jpeg")) for i, x in enumerate(images)]
+            pairs = [("source", files[0][1]), ("target", files[1][1])]
+            out: dict[str, np.ndarray] = {}
+            for path, f in (
+                ("/v1/embed?dtype=float32&normalize=true", files),
+                ("/v1/prototypes?top_k=3&dtype=float32", files),
+                ("/v1/correspond?top_k=2&dense=true&dtype=float32", pairs),
+            ):
+                r = await c.post(path, files=f, headers={"accept": SAFETENSORS_MEDIA_TYPE})
+                assert r.status_code == 200, r.text
+                out |= {f"{path.split('?')[0]}:{k}": v for k, v in load(r.content).items()}
+            return out
+
+    on_host, bound_answers = run(answers(False)), run(answers(True))
+    assert set(on_host) == set(bound_answers) and len(on_host) >= 10
+    for k, v in on_host.items():
+        np.testing.assert_allclose(bound_answers[k], v, atol=1e-5, err_msg=k)
 
 
 def test_onnxruntime_refuses_sizes_it_was_not_exported_for(onnx_bundle: Path) -> None:
