@@ -362,7 +362,7 @@ def mean_batch_size(port: int) -> tuple[float, float]:
     return total, count
 
 
-def naive_app(onnx_path: str, size: int, intra_op_threads: int) -> Any:
+def naive_app(onnx_path: str, size: int, intra_op_threads: int, device: str = "cpu") -> Any:
     """What users hand-roll: one image per forward, full decode, JSON float lists.
 
     `/embed` returns a dict without a declared type, FastAPI's default path (`jsonable_encoder`
@@ -375,7 +375,10 @@ def naive_app(onnx_path: str, size: int, intra_op_threads: int) -> Any:
     so = ort.SessionOptions()
     if intra_op_threads:
         so.intra_op_num_threads = intra_op_threads
-    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    from cotap.server.backends.onnxruntime_backend import choose_providers
+
+    providers, _ = choose_providers(ort, device)  # the server's device, so both run on one kind of hardware
+    sess = ort.InferenceSession(onnx_path, so, providers=providers)
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
     app = FastAPI()
@@ -403,7 +406,7 @@ def naive_app(onnx_path: str, size: int, intra_op_threads: int) -> Any:
 def run_naive_server(args: argparse.Namespace) -> None:
     import uvicorn
 
-    app = naive_app(args.naive_onnx, args.size, args.intra_op_threads)
+    app = naive_app(args.naive_onnx, args.size, args.intra_op_threads, args.device)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
@@ -434,6 +437,8 @@ def main() -> None:
     p.add_argument("--naive-onnx", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.precision == "auto":  # what the server would pick: fp16 on a GPU, fp32 on the CPU
+        args.precision = "fp32" if args.device == "cpu" else "fp16"
     if args.naive_server:
         run_naive_server(args)
         return
@@ -477,12 +482,15 @@ def main() -> None:
     procs = [server]
     try:
         wait_http(port, "/health/ready", server)
+        if not args.skip_naive and args.backend != "onnxruntime":
+            results["naive_skipped"] = "the naive server runs the ONNX model: use --backend onnxruntime"
+            print(f"naive server skipped: {results['naive_skipped']}", flush=True)
         if not args.skip_naive and args.backend == "onnxruntime":
             rec = next(r for r in onnx_artifacts(read_bundle(bundle)) if r.precision == args.precision)
             nport = free_port()
             naive = subprocess.Popen(
                 [sys.executable, __file__, "--naive-server", "--naive-onnx", str(bundle / rec.file), "--port", str(nport),
-                 "--size", str(args.size), "--intra-op-threads", str(args.intra_op_threads)]
+                 "--size", str(args.size), "--intra-op-threads", str(args.intra_op_threads), "--device", args.device]
             )  # fmt: skip
             procs.append(naive)
             wait_http(nport, "/docs", naive)
