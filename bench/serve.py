@@ -130,6 +130,19 @@ def bench_raw(backend: Any, pixels: np.ndarray, batches: list[int], seconds: flo
     return res
 
 
+def gpu_available(backend: str, device: str) -> bool:
+    """Whether `backend` would run on a GPU with `--device device` here."""
+    if device == "cpu":
+        return False
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo; VMs of one name can differ in speed)."""
     with contextlib.suppress(OSError):
@@ -437,8 +450,8 @@ def main() -> None:
     p.add_argument("--naive-onnx", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.precision == "auto":  # what the server would pick: fp16 on a GPU, fp32 on the CPU
-        args.precision = "fp32" if args.device == "cpu" else "fp16"
+    if args.precision == "auto":  # what the server picks: fp16 on a GPU, fp32 on the CPU
+        args.precision = "fp16" if gpu_available(args.backend, args.device) else "fp32"
     if args.naive_server:
         run_naive_server(args)
         return

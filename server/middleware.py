@@ -74,8 +74,8 @@ class RequestContextMiddleware:
             path.startswith(_OPEN_PREFIXES)
             or path == _PUBLIC_PAGE[0]
             or path.startswith(_PUBLIC_PAGE[1])
-            or path == _PUBLIC_DOCS[0]
-            or path.startswith(_PUBLIC_DOCS[1])
+            or path in _PUBLIC_DOCS
+            or path.startswith("/docs/")
         )
         ok, why = (True, "") if public else self._authorized(headers)
         if not ok:

@@ -312,6 +312,7 @@ class Scheduler:
         for job in jobs:
             if job.queue_s is None:
                 job.queue_s = t0 - job.t_enqueue
+        failure: str | None = None
         try:
             if len(items) == 1:  # a lone image: a view, not a 600 KB copy
                 lone, i = items[0]
@@ -320,23 +321,34 @@ class Scheduler:
                 images = np.stack([job.images[i] for job, i in items])  # (B, 3, H, W)
             out = backend.forward(images)
         except Exception as e:
-            if len(jobs) > 1:
-                self._isolate(key, items, jobs, e)
+            if len(jobs) == 1:
+                self._fail_all(key, items, jobs, e)
                 return
-            log.exception(
-                "inference failed",
-                extra={
-                    "fields": {
-                        "model": key[0],
-                        "batch": len(items),
-                        "request_ids": [j.request_id for j in jobs],
-                    }
-                },
-            )
-            for job in jobs:
-                job.fail(ServerError(ErrorCode.INTERNAL, f"inference failed: {type(e).__name__}: {e}"))
+            failure = f"{type(e).__name__}: {e}"
+        if failure is not None:
+            # outside the `except`: the failed forward's frames, and the memory they hold (a GPU
+            # batch's activations), are released before each request runs again on its own
+            self._isolate(key, items, jobs, failure)
             return
-        dt = time.monotonic() - t0
+        self._finish_batch(key, items, jobs, out, time.monotonic() - t0)
+
+    def _fail_all(self, key: Key, items: list[Item], jobs: list[Job], e: Exception) -> None:
+        log.exception(
+            "inference failed",
+            extra={
+                "fields": {
+                    "model": key[0],
+                    "batch": len(items),
+                    "request_ids": [j.request_id for j in jobs],
+                }
+            },
+        )
+        for job in jobs:
+            job.fail(ServerError(ErrorCode.INTERNAL, f"inference failed: {type(e).__name__}: {e}"))
+
+    def _finish_batch(
+        self, key: Key, items: list[Item], jobs: list[Job], out: dict[str, DeviceArray], dt: float
+    ) -> None:
         self.metrics.batch_size.labels(key[0]).observe(len(items))
         for job in jobs:
             job.inference_s += dt
@@ -352,7 +364,7 @@ class Scheduler:
         for job in finished:
             self._finish(job)
 
-    def _isolate(self, key: Key, items: list[Item], jobs: list[Job], error: Exception) -> None:
+    def _isolate(self, key: Key, items: list[Item], jobs: list[Job], error: str) -> None:
         """A batch of several requests failed: run each request's images on their own, so that
         only a request the backend cannot run (its inputs, its size: out of memory) gets the 500."""
         log.warning(
@@ -361,7 +373,7 @@ class Scheduler:
                 "fields": {
                     "model": key[0],
                     "batch": len(items),
-                    "error": f"{type(error).__name__}: {error}",
+                    "error": error,
                     "request_ids": [j.request_id for j in jobs],
                 }
             },

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         64 * KiB, ge=1024, description="request line + headers (431 beyond; cotap serve)"
     )
     max_field_bytes: int = Field(
-        64 * KiB, ge=64, description="a text (option) part of a multipart body (413 beyond)"
+        64 * KiB, ge=KiB, description="a text (option) part of a multipart body (413 beyond)"
     )
     header_timeout_s: float = Field(
         10.0, gt=0, description="time for a request line and headers to arrive (408 beyond; cotap serve)"

@@ -77,6 +77,15 @@ class PostOps(ABC):
         as int32, booleans unchanged."""
 
 
+def cuda_index(device: str) -> int | None:
+    """The GPU a `--device` of auto, cuda or cuda:N names: N, or None for the current one."""
+    if device in ("auto", "cuda"):
+        return None
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
 class NumpyOps(PostOps):
     """Post-processing in NumPy, for backends whose outputs arrive on the host."""
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, OnnxArtifact, onnx_artifacts
 from cotap.core.bundle import Bundle
-from cotap.server.backends.base import Backend, BackendError, BackendOptions
+from cotap.server.backends.base import Backend, BackendError, BackendOptions, cuda_index
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -69,9 +69,7 @@ def choose_providers(ort: Any, device: str) -> tuple[list[Any], bool]:
     available = set(ort.get_available_providers())
     if device == "cpu":
         return ["CPUExecutionProvider"], False
-    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
-        raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-    index = _cuda_index(device)
+    index = cuda_index(device) or 0
     gpu = [p for p in _GPU_PROVIDERS if p in available]
     if not gpu:
         if device == "auto":
@@ -139,7 +137,7 @@ class OnnxRuntimeBackend(Backend):
         if bind_torch is None:
             bind_torch = self.device == "cuda"
         if bind_torch:
-            device_id = _cuda_index(options.device) if self.device == "cuda" else 0
+            device_id = (cuda_index(options.device) or 0) if self.device == "cuda" else 0
             self._bound = TorchBoundIO.create(bundle, self.device, device_id)
             if self._bound is None:
                 self.warnings.append(
@@ -185,10 +183,6 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         del self.session
-
-
-def _cuda_index(device: str) -> int:
-    return int(device.split(":")[1]) if device.startswith("cuda:") else 0
 
 
 class TorchBoundIO:

@@ -16,22 +16,18 @@ import numpy as np
 from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineArtifact, engine_artifacts
 from cotap.core.bundle import Bundle
 from cotap.core.engine_compat import DeviceFacts, engine_compatibility
-from cotap.server.backends.base import Backend, BackendError, BackendOptions
+from cotap.server.backends.base import Backend, BackendError, BackendOptions, cuda_index
 
 
 def engine_device_index(device: str) -> int | None:
     """The CUDA device index `--device` names for TensorRT (None: the current one); engines never
     run on the CPU."""
-    if device in ("auto", "cuda"):
-        return None
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
     if device == "cpu":
         raise BackendError(
             "TensorRT engines run on NVIDIA GPUs only; for --device cpu serve the bundle with "
             "--backend onnxruntime or --backend torch"
         )
-    raise BackendError(f"unknown device {device!r}: use auto, cuda or cuda:N")
+    return cuda_index(device)
 
 
 def device_facts(index: int | None = None) -> tuple[DeviceFacts | None, str]:

@@ -20,6 +20,7 @@ from cotap.server.routes.common import (
     Plan,
     grids_metadata,
     openapi_body,
+    patch_counts,
     run_inference,
     server_state,
 )
@@ -38,7 +39,7 @@ def _plan_with_cap(max_dense: int) -> InferencePlan:
         p = model.bundle.config.patch_size
         sizes = [(int(x.shape[1]), int(x.shape[2])) for x in pixels]
         src, tgt = sizes[0::2], sizes[1::2]
-        patches = [(sh // p) * (sw // p) for sh, sw in src], [(th // p) * (tw // p) for th, tw in tgt]
+        patches = patch_counts(pixels[0::2], p), patch_counts(pixels[1::2], p)
         fewest = min(patches[1])
         if opts.top_k > fewest:
             raise ServerError(

@@ -322,6 +322,47 @@ def test_a_failed_batch_of_several_requests_fails_only_the_culprit(tiny_bundle: 
     run(body())
 
 
+def test_a_failed_batch_frees_its_memory_before_the_reruns(tiny_bundle: Path, gate: Gate) -> None:
+    # out of memory in a batch: the reruns must not run while the failed forward's tensors are
+    # still held by its traceback
+    import weakref
+
+    class Activations:  # stands for what the failed forward allocated
+        pass
+
+    held: list[weakref.ref[Activations]] = []
+    alive_at_rerun: list[bool] = []
+
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, max_batch=2), hook=gate.wrap) as (app, c):
+            assert gate.backend is not None
+            real = gate.backend.forward
+
+            def forward(images: np.ndarray) -> Any:
+                if images.shape[0] > 1:
+                    activations = Activations()
+                    held.append(weakref.ref(activations))
+                    raise MemoryError(f"out of memory ({activations!r} allocated)")
+                alive_at_rerun.append(bool(held) and held[0]() is not None)
+                return real(images)
+
+            gate.backend.forward = forward  # type: ignore[method-assign]
+            gate.hold()
+            first = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(seed=1)])))
+            await gate.wait_entered()
+            more = [
+                asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(seed=s)])))
+                for s in (2, 3)
+            ]
+            while app.state.cotap.scheduler.depth < 2:
+                await asyncio.sleep(0.01)
+            gate.release()
+            assert [r.status_code for r in await asyncio.gather(first, *more)] == [200, 200, 200]
+
+    run(body())
+    assert len(held) == 1 and alive_at_rerun == [False, False, False]  # the first request, then two reruns
+
+
 def test_cors_preflight_and_headers_on_errors(tiny_bundle: Path) -> None:
     origin = "https://app.example"
 

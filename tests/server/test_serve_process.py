@@ -19,24 +19,20 @@ import pytest
 from tests.server.helpers import free_port, jpeg, wait_ready
 
 
-def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
+def start_serve(bundle: Path, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`cotap serve` of `bundle` as model `tiny` on a free port, with extra COTAP_* environment."""
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "cotap.cli.main", "serve", "--model", f"tiny={bundle}", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    return proc, port
+
+
+def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     # A lone image waits up to 1.5 s for company while another upload is still arriving.
-    env = {**os.environ, "COTAP_MAX_QUEUE_DELAY_MS": "1500"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "cotap.cli.main",
-        "serve",
-        "--model",
-        f"tiny={tiny_bundle}",
-        "--port",
-        str(port),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc, port = start_serve(tiny_bundle, log, COTAP_MAX_QUEUE_DELAY_MS="1500")
+    base = f"http://127.0.0.1:{port}"
     slow = socket.socket()
     try:
         wait_ready(base, lambda: proc.poll() is None, log=log)
@@ -92,23 +88,10 @@ def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path)
 
 
 def test_drain_timeout_bounds_the_whole_stop(tiny_bundle: Path, tmp_path: Path) -> None:
-    # an upload that never finishes: the process still exits drain_timeout_s (+ about 1 s) after
-    # SIGTERM, not once per shutdown stage
-    port = free_port()
+    # an upload that never finishes: the process still exits drain_timeout_s (+ about 1 s, + the
+    # interpreter's exit) after SIGTERM, not once per shutdown stage (which took 4 + 4 s)
     log = tmp_path / "serve.log"
-    env = {**os.environ, "COTAP_DRAIN_TIMEOUT_S": "3", "COTAP_BODY_TIMEOUT_S": "60"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "cotap.cli.main",
-        "serve",
-        "--model",
-        f"tiny={tiny_bundle}",
-        "--port",
-        str(port),
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc, port = start_serve(tiny_bundle, log, COTAP_DRAIN_TIMEOUT_S="4", COTAP_BODY_TIMEOUT_S="60")
     stalled = socket.socket()
     try:
         wait_ready(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, log=log)
@@ -122,7 +105,8 @@ def test_drain_timeout_bounds_the_whole_stop(tiny_bundle: Path, tmp_path: Path) 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         took = time.monotonic() - t_term
-        assert 3.0 <= took < 5.0, took  # before: 3 s drain + 3 s of uvicorn's graceful wait
+        print(f"\nstopped {took:.2f} s after SIGTERM")
+        assert 4.0 <= took < 7.0, took  # before: 4 s drain + 4 s of uvicorn's graceful wait
     finally:
         stalled.close()
         if proc.poll() is None:
