@@ -155,12 +155,12 @@ def test_json_answer_that_cannot_fit_is_refused_before_inference(tiny_bundle: Pa
 
 def test_413_for_an_option_part_over_max_field_bytes(tiny_bundle: Path) -> None:
     async def body() -> None:
-        async with running(settings_for(tiny_bundle, max_field_bytes=100)) as (_, c):
+        async with running(settings_for(tiny_bundle, max_field_bytes=1024)) as (_, c):
             files = parts("image", [jpeg()])
             ok = await c.post("/v1/embed", files=files, data={"outputs": "cls"})
             assert ok.status_code == 200 and set(ok.json()) == {"cls", "__metadata__"}
             msg = envelope(
-                await c.post("/v1/embed", files=files, data={"outputs": "c" * 200}), 413, "payload_too_large"
+                await c.post("/v1/embed", files=files, data={"outputs": "c" * 2000}), 413, "payload_too_large"
             )
             assert "maximum size" in msg
 
