@@ -3,8 +3,8 @@
 On SIGTERM (or Ctrl+C) the server stops admitting work (/health/ready and new inference requests
 answer 503), runs what is queued at once, waits for in-flight requests, then shuts down and exits
 0; all of it within one budget of `drain_timeout_s` (plus about a second for uvicorn to cancel
-what is still open when the budget is spent). A second signal forces the exit. If the models cannot be loaded the
-process exits 1.
+what is still open when the budget is spent). A second signal forces the exit. If the models
+cannot be loaded the process exits 1.
 """
 
 from __future__ import annotations
