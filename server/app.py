@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from cotap.core.version import __version__
 from cotap.core.wire import BUNDLE_HASH_HEADER, MODEL_HEADER, REQUEST_ID_HEADER, TIMING_HEADERS
-from cotap.server.errors import install_error_handlers
+from cotap.server.errors import document_errors, install_error_handlers
 from cotap.server.middleware import RequestContextMiddleware
 from cotap.server.registry import BackendHook
 from cotap.server.routes import ROUTERS
@@ -55,8 +55,7 @@ def create_app(settings: Settings | None = None, *, backend_hook: BackendHook | 
         redoc_url=None,
     )
     app.state.cotap = state
-    if settings.api_key is not None:
-        _declare_bearer_key(app)
+    _complete_openapi(app, bearer=settings.api_key is not None)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -72,17 +71,24 @@ def create_app(settings: Settings | None = None, *, backend_hook: BackendHook | 
     return app
 
 
-def _declare_bearer_key(app: FastAPI) -> None:
-    """Say in the OpenAPI description that calls need `Authorization: Bearer <key>`, so that
-    /docs offers an Authorize button (the middleware checks the key, not FastAPI)."""
+def _complete_openapi(app: FastAPI, bearer: bool) -> None:
+    """`app.openapi()` with what FastAPI cannot infer: the error statuses and their envelope
+    (`document_errors`) and, with an API key, the bearer scheme, so that /docs offers an Authorize
+    button (the middleware checks the key, not FastAPI)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = build()
-            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-            schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": "the server's API key"}
-            schema["security"] = [{"bearer": []}]
+            schema = build()  # cached by FastAPI in app.openapi_schema; completed here in place
+            document_errors(schema)
+            if bearer:
+                schemes = schema["components"].setdefault("securitySchemes", {})
+                schemes["bearer"] = {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the server's API key",
+                }
+                schema["security"] = [{"bearer": []}]
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]

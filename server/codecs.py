@@ -138,7 +138,7 @@ def parse_json(body: bytes, kind: PayloadKind, max_depth: int) -> ImagesPayload:
 
 
 async def parse_multipart(
-    headers: Headers, body: bytes, kind: PayloadKind, max_parts: int, max_field_bytes: int = 64 * 1024
+    headers: Headers, body: bytes, kind: PayloadKind, max_parts: int, max_field_bytes: int
 ) -> ImagesPayload:
     """Repeated `image` file parts, or `source`/`target` parts paired in order; other (text) fields
     are options, each at most `max_field_bytes`."""
@@ -194,7 +194,7 @@ async def parse_payload(
     kind: PayloadKind,
     max_parts: int,
     max_depth: int,
-    max_field_bytes: int = 64 * 1024,
+    max_field_bytes: int,
     pool: Executor | None = None,
 ) -> ImagesPayload:
     """The images and options of a multipart or base64-JSON body. Bodies of `INLINE_PARSE_BYTES`

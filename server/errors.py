@@ -113,7 +113,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerError, server_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    _document_errors(app)
 
 
 # -- the errors in the OpenAPI description -----------------------------------------------------------
@@ -169,48 +168,40 @@ def _error_response(status: int) -> dict[str, Any]:
     return out
 
 
-def _document_errors(app: FastAPI) -> None:
-    """Make `app.openapi()` document every route's error statuses with the envelope schema."""
-    base = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = base()  # cached by FastAPI in app.openapi_schema; completed here in place
-        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-        schemas["ErrorEnvelope"] = _ENVELOPE_SCHEMA
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-        for path, operations in schema.get("paths", {}).items():
-            for method, op in operations.items():
-                responses = op.setdefault("responses", {})
-                if path.startswith("/v1/") and method == "post":
-                    statuses: tuple[int, ...] = _INFERENCE_ERRORS
-                    ok = responses.setdefault("200", {"description": "named tensors"})
-                    ok.setdefault("content", {})[JSON_MEDIA_TYPE] = {"schema": _JSON_ANSWER}
-                else:
-                    statuses = _ROUTE_ERRORS.get(path, ())
-                responses.pop("422", None)
-                for status in statuses:
-                    responses[str(status)] = _error_response(status)
-        scrape = schema.get("paths", {}).get("/metrics", {}).get("get")
-        if scrape is not None:
-            scrape["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
-        ready = schema.get("paths", {}).get("/health/ready", {}).get("get")
-        if ready is not None:
-            ready["responses"]["503"] = {
-                "description": "starting, failed or draining",
-                "headers": _RETRY_AFTER,
-                "content": {
-                    JSON_MEDIA_TYPE: {
-                        "schema": {
-                            "type": "object",
-                            "required": ["status"],
-                            "properties": {"status": {"type": "string"}, "error": {"type": "string"}},
-                        }
+def document_errors(schema: dict[str, Any]) -> None:
+    """Complete FastAPI's OpenAPI `schema` in place: every route's error statuses with the envelope
+    schema, the JSON answer of the inference routes, /metrics as text, /health/ready's 503."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorEnvelope"] = _ENVELOPE_SCHEMA
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path, operations in schema.get("paths", {}).items():
+        for method, op in operations.items():
+            responses = op.setdefault("responses", {})
+            if path.startswith("/v1/") and method == "post":
+                statuses: tuple[int, ...] = _INFERENCE_ERRORS
+                ok = responses.setdefault("200", {"description": "named tensors"})
+                ok.setdefault("content", {})[JSON_MEDIA_TYPE] = {"schema": _JSON_ANSWER}
+            else:
+                statuses = _ROUTE_ERRORS.get(path, ())
+            responses.pop("422", None)
+            for status in statuses:
+                responses[str(status)] = _error_response(status)
+    scrape = schema.get("paths", {}).get("/metrics", {}).get("get")
+    if scrape is not None:
+        scrape["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    ready = schema.get("paths", {}).get("/health/ready", {}).get("get")
+    if ready is not None:
+        ready["responses"]["503"] = {
+            "description": "starting, failed or draining",
+            "headers": _RETRY_AFTER,
+            "content": {
+                JSON_MEDIA_TYPE: {
+                    "schema": {
+                        "type": "object",
+                        "required": ["status"],
+                        "properties": {"status": {"type": "string"}, "error": {"type": "string"}},
                     }
-                },
-            }
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+                }
+            },
+        }

@@ -181,8 +181,7 @@ class Scheduler:
         decoded count towards `max_queue`, so an overload cannot pile unbounded decoding work (and
         latency) in front of the queue. `release(n)` once decoded, right before `submit`."""
         with self._cond:
-            if not self._room(self._decoding + n):
-                raise self._queue_full(n)
+            self.check_room(n)
             self._decoding += n
 
     def check_room(self, n: int = 1) -> None:
@@ -312,7 +311,6 @@ class Scheduler:
         for job in jobs:
             if job.queue_s is None:
                 job.queue_s = t0 - job.t_enqueue
-        failure: str | None = None
         try:
             if len(items) == 1:  # a lone image: a view, not a 600 KB copy
                 lone, i = items[0]
@@ -322,17 +320,17 @@ class Scheduler:
             out = backend.forward(images)
         except Exception as e:
             if len(jobs) == 1:
-                self._fail_all(key, items, jobs, e)
+                self._fail(key, items, jobs, e)
                 return
             failure = f"{type(e).__name__}: {e}"
-        if failure is not None:
-            # outside the `except`: the failed forward's frames, and the memory they hold (a GPU
-            # batch's activations), are released before each request runs again on its own
-            self._isolate(key, items, jobs, failure)
+        else:
+            self._finish_batch(key, items, jobs, out, time.monotonic() - t0)
             return
-        self._finish_batch(key, items, jobs, out, time.monotonic() - t0)
+        # outside the `except`: the failed forward's frames, and the memory they hold (a GPU
+        # batch's activations), are released before each request runs again on its own
+        self._isolate(key, items, jobs, failure)
 
-    def _fail_all(self, key: Key, items: list[Item], jobs: list[Job], e: Exception) -> None:
+    def _fail(self, key: Key, items: list[Item], jobs: list[Job], e: Exception) -> None:
         log.exception(
             "inference failed",
             extra={

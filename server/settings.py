@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # -- limits ---------------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body (413 beyond)")
     max_header_bytes: int = Field(
-        64 * KiB, ge=1024, description="request line + headers (431 beyond; cotap serve)"
+        64 * KiB, ge=KiB, description="request line + headers (431 beyond; cotap serve)"
     )
     max_field_bytes: int = Field(
         64 * KiB, ge=KiB, description="a text (option) part of a multipart body (413 beyond)"

@@ -137,8 +137,8 @@ class OnnxRuntimeBackend(Backend):
         if bind_torch is None:
             bind_torch = self.device == "cuda"
         if bind_torch:
-            device_id = (cuda_index(options.device) or 0) if self.device == "cuda" else 0
-            self._bound = TorchBoundIO.create(bundle, self.device, device_id)
+            where = f"cuda:{cuda_index(options.device) or 0}" if self.device == "cuda" else "cpu"
+            self._bound = TorchBoundIO.create(bundle, where)
             if self._bound is None:
                 self.warnings.append(
                     "post-processing runs in NumPy on the host: install torch with CUDA to keep it on the GPU"
@@ -189,28 +189,27 @@ class TorchBoundIO:
     """Runs the session with its input and outputs bound to torch tensors on the model's device
     (ONNX Runtime I/O binding), so that outputs stay there for `TorchOps`."""
 
-    def __init__(self, torch: Any, device: Any, device_id: int, bundle: Bundle) -> None:
+    def __init__(self, torch: Any, device: Any, bundle: Bundle) -> None:
         from cotap.server.backends.torch_ops import TorchOps
 
         self.torch = torch
-        self.device = device  # torch.device
-        self.device_type = device.type  # "cuda" or "cpu", as ONNX Runtime names them
-        self.device_id = device_id
+        self.device = device  # torch.device; ONNX Runtime names its type ("cuda", "cpu") alike
+        self.device_id = device.index or 0
         cfg = bundle.config
         self.patch, self.dim, self.prototypes = cfg.patch_size, cfg.embed_dim, cfg.num_prototypes
         self.ops = TorchOps(device)
 
     @classmethod
-    def create(cls, bundle: Bundle, device: str, device_id: int) -> TorchBoundIO | None:
-        """None when torch (with CUDA, for a GPU) is not installed."""
+    def create(cls, bundle: Bundle, device: str) -> TorchBoundIO | None:
+        """For `device` "cpu" or "cuda:N"; None when torch (with CUDA, for a GPU) is not installed."""
         try:
             import torch
         except ImportError:
             return None
-        if device == "cuda" and not torch.cuda.is_available():
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
             return None
-        dev = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
-        return cls(torch, dev, device_id, bundle)
+        return cls(torch, dev, bundle)
 
     def run(self, session: Any, images: np.ndarray) -> dict[str, Any]:
         torch = self.torch
@@ -223,15 +222,15 @@ class TorchBoundIO:
             "assign": (b, gh, gw, self.prototypes),
         }
         outs = {n: torch.empty(shapes[n], dtype=torch.float32, device=self.device) for n in OUTPUT_NAMES}
-        if self.device_type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the input copy is done
         binding = session.io_binding()
         binding.bind_input(
-            INPUT_NAME, self.device_type, self.device_id, np.float32, tuple(x.shape), x.data_ptr()
+            INPUT_NAME, self.device.type, self.device_id, np.float32, tuple(x.shape), x.data_ptr()
         )
         for name, t in outs.items():
             binding.bind_output(
-                name, self.device_type, self.device_id, np.float32, tuple(t.shape), t.data_ptr()
+                name, self.device.type, self.device_id, np.float32, tuple(t.shape), t.data_ptr()
             )
         session.run_with_iobinding(binding)  # returns once the outputs are written
         return outs

@@ -47,14 +47,12 @@ def _plan_with_cap(max_dense: int) -> InferencePlan:
                 f"top_k={opts.top_k} but a target image has only {fewest} patches",
             )
         dense_values = sum(a * b for a, b in zip(*patches, strict=True)) if opts.dense else 0
-        if opts.dense:
-            elements = dense_values
-            if elements > max_dense:
-                raise ServerError(
-                    ErrorCode.INVALID_PARAMETERS,
-                    f"the dense similarity would hold {elements} values; the limit is {max_dense} "
-                    "(max_dense_elements): send fewer or smaller pairs, or use top_k instead",
-                )
+        if dense_values > max_dense:
+            raise ServerError(
+                ErrorCode.INVALID_PARAMETERS,
+                f"the dense similarity would hold {dense_values} values; the limit is {max_dense} "
+                "(max_dense_elements): send fewer or smaller pairs, or use top_k instead",
+            )
         meta = {
             "pairs": len(src),
             "original_sizes": [
