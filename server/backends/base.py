@@ -9,7 +9,7 @@ normalisation, matching and top-k never copy full feature maps off a GPU.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -87,9 +87,13 @@ def cuda_index(device: str) -> int | None:
 
 
 class NumpyOps(PostOps):
-    """Post-processing in NumPy, for backends whose outputs arrive on the host."""
+    """Post-processing in NumPy, for backends whose outputs arrive on the host. `half` casts
+    float32 to float16 when given (NumPy's own cast is not vectorised: 0.7 ms per ViT-S answer)."""
 
     device = "cpu"
+
+    def __init__(self, half: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self._half = half
 
     def stack(self, xs: Sequence[np.ndarray]) -> np.ndarray:
         return np.stack(list(xs))
@@ -138,6 +142,8 @@ class NumpyOps(PostOps):
 
     def to_numpy(self, x: np.ndarray, float_dtype: str) -> np.ndarray:
         x = np.asarray(x)
+        if self._half is not None and x.dtype == np.float32 and float_dtype == "float16":
+            return self._half(x)
         if x.dtype.kind == "f":
             return np.ascontiguousarray(x, dtype=np.dtype(float_dtype))
         if x.dtype.kind in "iu":

@@ -18,7 +18,8 @@ import numpy as np
 
 from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, OnnxArtifact, onnx_artifacts
 from cotap.core.bundle import Bundle
-from cotap.server.backends.base import Backend, BackendError, BackendOptions, cuda_index
+from cotap.server.backends.base import Backend, BackendError, BackendOptions, NumpyOps, cuda_index
+from cotap.server.backends.half_cast import HalfCast
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -133,6 +134,7 @@ class OnnxRuntimeBackend(Backend):
         batch_dim = self.session.get_inputs()[0].shape[0]
         if isinstance(batch_dim, int) and batch_dim > 0:
             self.max_batch = batch_dim
+        self.ops = NumpyOps(half=HalfCast(ort))
         self._bound: TorchBoundIO | None = None
         if bind_torch is None:
             bind_torch = self.device == "cuda"

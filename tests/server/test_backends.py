@@ -73,6 +73,40 @@ def test_post_ops_against_plain_reference(ops: PostOps) -> None:
     assert ops.to_numpy(x, "float16").dtype == np.float16
 
 
+def half_cast_probe() -> np.ndarray:
+    """float32 values where float16 rounding is delicate: ties, the overflow edge, subnormals."""
+    rng = np.random.default_rng(1)
+    f16_max, tiny = 65504.0, 2.0**-24  # largest float16, smallest subnormal
+    edges = [0.0, -0.0, np.inf, -np.inf, np.nan, f16_max, 65519.99, 65520.0, -65520.0, 1e9,
+             tiny, tiny / 2, tiny * 0.51, tiny * 1.5, 6.1e-5, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
+             2049.0, 2051.0]  # fmt: skip
+    wide = rng.normal(size=4000) * np.exp(rng.uniform(-20, 12, 4000))
+    return np.concatenate([np.array(edges), wide]).astype(np.float32).reshape(1, -1, 1)
+
+
+def test_half_cast_rounds_like_numpy_bit_for_bit() -> None:
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from cotap.server.backends.half_cast import CAST_F32_F16_ONNX, HalfCast
+
+    x = half_cast_probe()
+    y = HalfCast(onnxruntime)(x)
+    ref = x.astype(np.float16)  # NumPy's own conversion, element by element
+    assert y.dtype == np.float16 and y.shape == x.shape and y.flags.c_contiguous
+    np.testing.assert_array_equal(y.view(np.uint16)[~np.isnan(ref)], ref.view(np.uint16)[~np.isnan(ref)])
+    assert np.isnan(y[np.isnan(ref)]).all()
+    # the serialised graph is the one-node Cast that onnx.helper builds
+    graph = onnx.load_from_string(CAST_F32_F16_ONNX).graph
+    want = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16)
+    assert [n.SerializeToString() for n in graph.node] == [want.SerializeToString()]
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    ops = NumpyOps(half=HalfCast(onnxruntime))
+    np.testing.assert_array_equal(ops.to_numpy(x[:, :50].copy(), "float32"), x[:, :50])  # only half is cast
+    assert ops.to_numpy(np.arange(3), "float16").dtype == np.int32
+
+
 def test_torch_backend_refusals(tiny_bundle: Path) -> None:
     b = read_bundle(tiny_bundle)
     if not torch.cuda.is_available():
@@ -132,6 +166,8 @@ def test_onnxruntime_backend_serves_what_torch_serves(onnx_bundle: Path) -> None
     ort = build_backend(b, "onnxruntime", CPU)
     assert ort.describe()["providers"] == ["CPUExecutionProvider"] and ort.max_batch == 8
     assert ort.sizes == frozenset({(32, 32)})
+    probe = half_cast_probe()[:, 19:]  # finite values: the float16 answers go through ORT's Cast
+    np.testing.assert_array_equal(ort.ops.to_numpy(probe, "float16"), probe.astype(np.float16))
     with pytest.raises(BackendError, match="no int8 ONNX model"):
         build_backend(b, "onnxruntime", BackendOptions(device="cpu", precision="int8"))
     images = [jpeg(40, 48, i) for i in range(3)]
