@@ -2,10 +2,11 @@
 (`artifacts["onnx"]`), on the TensorRT, CUDA or CPU execution provider, whichever is available and
 asked for.
 
-On the CPU, outputs arrive as NumPy arrays and post-processing runs in NumPy. On a GPU, when torch
-with CUDA is installed, inputs and outputs are bound to torch tensors on the GPU (I/O binding) and
-post-processing runs there in torch (`TorchOps`): only the answer is copied to the host. Without
-torch it falls back to NumPy on the host, and says so in the backend's warnings.
+On the CPU, outputs arrive as NumPy arrays and post-processing runs in NumPy, except the float16
+cast of the answer, which ONNX Runtime's vectorised Cast does 25x faster (`half_cast`). On a GPU,
+when torch with CUDA is installed, inputs and outputs are bound to torch tensors on the GPU (I/O
+binding) and post-processing runs there in torch (`TorchOps`): only the answer is copied to the
+host. Without torch it falls back to NumPy on the host, and says so in the backend's warnings.
 """
 
 from __future__ import annotations
