@@ -1,6 +1,6 @@
 """The commands that talk to a running server: `cotap embed`, `prototypes`, `correspond`, `models`
 and `health`. They import only `cotap.client` (lazily, inside each command), so they start fast
-and work on a plain `pip install cotap` without torch.
+and work on the plain install (`pip install -e .`, no extras) without torch.
 """
 
 from __future__ import annotations

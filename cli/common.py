@@ -6,6 +6,8 @@ import argparse
 import importlib
 from types import ModuleType
 
+from cotap.core.version import install_hint
+
 
 class CLIError(Exception):
     """An error the user caused; printed without a traceback, exit status 2."""
@@ -17,7 +19,7 @@ def require(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise CLIError(
-            f"this command needs the '{extra}' extra ({e.name} is not installed): pip install 'cotap[{extra}]'"
+            f"this command needs the '{extra}' extra ({e.name} is not installed): {install_hint(extra)}"
         ) from e
 
 

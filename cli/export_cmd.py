@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from typing import Any
 
 from cotap.cli.common import CLIError, parse_size, parse_sizes, require
 
@@ -161,13 +163,15 @@ def _bundle(args: argparse.Namespace) -> int:
 def _onnx(args: argparse.Namespace) -> int:
     require("torch", "export")
     require("onnxruntime", "export")
-    from cotap.core.bundle import BundleError
+    from cotap.core.artifacts import onnx_artifacts
+    from cotap.core.bundle import BundleError, read_bundle
     from cotap.export.fixtures import FixtureError
     from cotap.export.gate import GateError
     from cotap.export.onnx import export_onnx
     from cotap.training.checkpoints import CheckpointError
 
     try:
+        before = {r.file: r for r in onnx_artifacts(read_bundle(args.bundle))}
         record = export_onnx(
             args.bundle,
             precision=args.precision,
@@ -186,7 +190,15 @@ def _onnx(args: argparse.Namespace) -> int:
     from cotap.export.gate import summary_of
 
     print(summary_of(record.gate))
-    print(json.dumps({"file": record.file, "sha256": record.sha256, "forced": record.forced}, indent=2))
+    out: dict[str, Any] = {"file": record.file, "sha256": record.sha256, "forced": record.forced}
+    old = before.get(record.file)
+    if old is not None and old.sha256 != record.sha256:
+        # one file per precision and size set: e.g. static int8 (--calibration) replaces dynamic int8
+        conversion = old.extra.get("conversion") or {}
+        out["replaced"] = {"sha256": old.sha256, "conversion": conversion}
+        how = f" ({conversion['mode']} int8)" if "mode" in conversion else ""
+        print(f"replaced the earlier {record.file}{how}", file=sys.stderr)
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cotap: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cotap ... | head`: the reader has gone, which is not an error
+        # stdout's buffer cannot be flushed any more; point it at /dev/null so exit does not try
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

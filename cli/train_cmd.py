@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     knn.add_argument("--data", help="knn: image folder or synthetic:N[:seed[:size]]")
     knn.add_argument("--checkpoint", help="knn: the model that embeds the CLS tokens (the initial model)")
     knn.add_argument("--k", type=int, default=7, help="knn: neighbours kept per image, self first")
-    knn.add_argument("--size", type=int, help="knn: centre-crop side (default: the model's)")
+    knn.add_argument(
+        "--size",
+        type=int,
+        help="knn: images are resized (no crop) to SIZExSIZE (default: the model's input size)",
+    )
     knn.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_train)
 

@@ -3,7 +3,7 @@
 #
 # A notebook-style script (`# %%` cells: run it in VS Code / Jupyter, or `python examples/quickstart.py`).
 # It needs a running server (`cotap serve`, default http://127.0.0.1:8000, or set COTAP_URL) and the
-# plain client install (`pip install cotap`: no torch).
+# plain client install (`pip install -e .` in the checkout: no torch).
 
 # %%
 import tempfile

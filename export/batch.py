@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cotap.core.artifacts import OnnxArtifact
 from cotap.core.bundle import read_bundle, sha256_file
-from cotap.core.version import __version__
+from cotap.core.version import __version__, install_hint
 from cotap.export.fixtures import check_sizes, write_synthetic_folder
 from cotap.export.gate import GateError
 from cotap.export.onnx import export_onnx
@@ -162,7 +162,9 @@ def build_script(target: Target, sizes: Sequence[tuple[int, int]], fp32_layers: 
     lines += ["  " + cmd.replace("\n", "\n  "), "  exit 0", "fi", ""]
     lines += [
         "# cotap builds the same engine, gates it against torch fp32 on this GPU and records it (TensorRT",
-        "# version, GPU, compute capability) in the bundle manifest. Needs: pip install 'cotap[export,gpu]'.",
+        "# version, GPU, compute capability) in the bundle manifest. Needs: "
+        + install_hint("export,gpu")
+        + ".",
         "cotap export tensorrt --bundle ../bundle --target "
         + f"{target.name} --targets targets.yaml --timing-cache timing.cache"
         + (' --calibration "${CALIBRATION_DIR:?set CALIBRATION_DIR to an image folder}"' if entropy else ""),

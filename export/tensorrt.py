@@ -38,12 +38,13 @@ from cotap.core.artifacts import (
 )
 from cotap.core.bundle import add_files, read_bundle, sha256_file
 from cotap.core.engine_compat import DeviceFacts, parse_compute_capability, parse_version
+from cotap.core.version import install_hint
 from cotap.export.fixtures import check_sizes, fixture_images, folder_images, preprocess_batch
 from cotap.export.gate import THRESHOLDS, GateError, GateReport, compare_outputs, torch_outputs
 from cotap.export.quantize import FP32_OPS
 from cotap.export.targets import Target
 
-GPU_EXTRA_HINT = "pip install 'cotap[gpu]'"
+GPU_EXTRA_HINT = install_hint("gpu")
 HW_LEVEL_TRTEXEC = {
     "none": "none",
     "ampere_plus": "ampere+",

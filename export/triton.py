@@ -112,12 +112,18 @@ def config_pbtxt(
 
 
 def _onnx_record(bundle: Bundle, precision: str) -> Any:
-    records = [r for r in onnx_artifacts(bundle) if r.precision == precision]
-    if not records:
-        return None
+    """The bundle's ONNX model of `precision` for the sizes the bundle declares: the exact set
+    first, then the one taking most of them. None when every such model is for other sizes only:
+    the bundle's preprocessing produces the declared sizes, so a Triton model without any of them
+    would refuse every input prepared the bundle's way."""
     declared = set(bundle.config.input_sizes)
-    records.sort(key=lambda r: (set(r.sizes) != declared, -len(r.sizes)))  # declared sizes first
-    return records[0]
+    records = [r for r in onnx_artifacts(bundle) if r.precision == precision and declared & set(r.sizes)]
+    records.sort(key=lambda r: (set(r.sizes) != declared, -len(declared & set(r.sizes)), len(r.sizes)))
+    return records[0] if records else None
+
+
+def _sizes_text(sizes: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
 
 
 def export_triton(
@@ -129,13 +135,22 @@ def export_triton(
     overwrite: bool = False,
 ) -> list[str]:
     """Write the repository; returns the model names written. Needs an ONNX model in the bundle
-    (`cotap export onnx`), or `export_missing=True` to export it first."""
+    for (some of) its declared sizes (`cotap export onnx`), or `export_missing=True` to export one
+    for all of them first."""
     bundle = read_bundle(bundle_dir)
     record = _onnx_record(bundle, options.precision)
     if record is None:
         if not export_missing:
+            others = [r for r in onnx_artifacts(bundle) if r.precision == options.precision]
+            what = (
+                f"no {options.precision} ONNX model"
+                if not others
+                else f"{options.precision} ONNX models only for sizes it does not declare ("
+                + "; ".join(_sizes_text(r.sizes) for r in others)
+                + f"; it declares {_sizes_text(bundle.config.input_sizes)})"
+            )
             raise ValueError(
-                f"bundle {bundle.path} has no {options.precision} ONNX model; run `cotap export onnx --bundle "
+                f"bundle {bundle.path} has {what}; run `cotap export onnx --bundle "
                 f"{bundle.path} --precision {options.precision}` first (or pass --export-missing)"
             )
         from cotap.export.onnx import export_onnx

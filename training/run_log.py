@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cotap.core.version import install_hint
+
 BASE_COLUMNS = (
     "step",
     "epoch",
@@ -64,7 +66,7 @@ def plot_metrics(csv_path: Path, png_path: Path, title: str = "") -> Path | None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ModuleNotFoundError:
-        warnings.warn("matplotlib is not installed (pip install 'cotap[plot]'): no curves plot", stacklevel=2)
+        warnings.warn(f"matplotlib is not installed ({install_hint('plot')}): no curves plot", stacklevel=2)
         return None
     rows = read_metrics(csv_path)
     if not rows:

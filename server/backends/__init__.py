@@ -11,6 +11,7 @@ import importlib.util
 
 from cotap.core.artifacts import onnx_artifacts
 from cotap.core.bundle import Bundle
+from cotap.core.version import install_hint
 from cotap.server.backends.base import Backend, BackendError, BackendOptions, NumpyOps, PostOps
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -83,7 +84,9 @@ def build_backend(bundle: Bundle, name: str, options: BackendOptions) -> Backend
     backend: Backend
     if chosen == "torch":
         if importlib.util.find_spec("torch") is None:
-            raise BackendError("the torch backend needs torch: pip install torch (then 'cotap[train]')")
+            raise BackendError(
+                f"the torch backend needs torch: pip install torch, then {install_hint('train')}"
+            )
         from cotap.server.backends.torch_backend import TorchBackend
 
         backend = TorchBackend(bundle, options)

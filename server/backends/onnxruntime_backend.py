@@ -19,6 +19,7 @@ import numpy as np
 
 from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, OnnxArtifact, onnx_artifacts
 from cotap.core.bundle import Bundle
+from cotap.core.version import install_hint
 from cotap.server.backends.base import Backend, BackendError, BackendOptions, NumpyOps, cuda_index
 from cotap.server.backends.half_cast import HalfCast
 
@@ -30,7 +31,7 @@ def _import_ort() -> Any:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendError(
-            "onnxruntime is not installed: pip install 'cotap[serve]' (or onnxruntime-gpu for CUDA)"
+            f"onnxruntime is not installed: {install_hint('serve')} (or onnxruntime-gpu for CUDA)"
         ) from e
     return ort
 

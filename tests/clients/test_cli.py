@@ -167,3 +167,18 @@ def test_embed_command_reports_bad_arguments(server_url: str, tmp_path: Path) ->
         ["embed", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--outputs", "x", "--url", server_url]
     )
     assert code == 2
+
+
+def test_a_closed_pipe_ends_the_command_quietly(server_url: str, tmp_path: Path) -> None:
+    """`cotap prototypes photo.jpg | head -1`: once the reader has gone, no traceback, exit 0."""
+    a = tmp_path / "a.png"
+    Image.fromarray(photo(64, 80, seed=1)).save(a)
+    cmd = [sys.executable, "-m", "cotap.cli.main", "prototypes", str(a), "--url", server_url]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr

@@ -107,6 +107,28 @@ def test_static_int8_calibrated_on_a_folder(tiny_bundle: Bundle, tmp_path: Path)
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+def test_cli_says_when_static_int8_replaces_dynamic_int8(
+    tiny_bundle: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cotap.cli.main import main
+
+    dynamic = export_onnx(tiny_bundle.path, "int8", sizes=[(32, 32)])
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for i, im in enumerate(synthetic_images(2, seed=100)):
+        im.save(folder / f"{i}.png")
+    argv = ["export", "onnx", "--bundle", str(tiny_bundle.path), "--precision", "int8", "--sizes", "32"]
+    assert main([*argv, "--calibration", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    answer = json.loads(out[out.index("{") :])
+    assert answer["file"] == dynamic.file and answer["replaced"]["sha256"] == dynamic.sha256
+    assert answer["replaced"]["conversion"]["mode"] == "dynamic"
+    assert f"replaced the earlier {dynamic.file} (dynamic int8)" in err
+    assert [r.extra["conversion"]["mode"] for r in onnx_artifacts(read_bundle(tiny_bundle.path))] == [
+        "static"
+    ]
+
+
 def _perturbing_export(monkeypatch: pytest.MonkeyPatch) -> None:
     """Export a copy of the model whose first block's weights carry noise (the bundle is intact)."""
 

@@ -41,14 +41,14 @@ def target(**kw: object) -> Target:
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message shown where TensorRT is missing")
 def test_without_tensorrt_the_extra_is_named(tiny_bundle: Bundle, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(TensorRTUnavailable, match=r"pip install 'cotap\[gpu\]'"):
+    with pytest.raises(TensorRTUnavailable, match=r"pip install -e '\.\[gpu\]'"):
         build_engine(tiny_bundle.path, target())
     code = main(
         ["export", "tensorrt", "--bundle", str(tiny_bundle.path), "--target", "t4",
          "--targets", str(ROOT / "configs" / "targets.yaml")]
     )  # fmt: skip
     assert code == 2
-    assert "pip install 'cotap[gpu]'" in capsys.readouterr().err
+    assert "pip install -e '.[gpu]'" in capsys.readouterr().err
     assert local_device_facts() is None
 
 

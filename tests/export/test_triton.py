@@ -159,3 +159,19 @@ def test_two_sizes_and_engines_give_dynamic_dims_and_a_plan_model(
 def test_missing_onnx_model_is_explained(tiny_bundle: Bundle, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cotap export onnx"):
         export_triton(tiny_bundle.path, tmp_path / "repo", TritonOptions(precision="fp16"))
+
+
+def test_a_model_for_sizes_the_bundle_does_not_declare_is_refused(
+    tiny_bundle: Bundle, tmp_path: Path
+) -> None:
+    export_onnx(tiny_bundle.path, "fp32", sizes=[(48, 48)], max_batch=2)  # not a declared size
+    with pytest.raises(
+        ValueError, match=r"only for sizes it does not declare \(48x48; it declares 24x40, 32x32\)"
+    ):
+        export_triton(tiny_bundle.path, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    names = export_triton(
+        tiny_bundle.path, tmp_path / "repo", export_missing=True
+    )  # exports the declared sizes
+    assert names == ["tiny"]
+    assert list(parse(tmp_path / "repo" / "tiny" / "config.pbtxt").input[0].dims) == [3, -1, -1]

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -187,7 +188,8 @@ def input_size_for(data: EvalDataset, patch_size: int, size: tuple[int, int] | N
 
 def to_chw(image: torch.Tensor | Any) -> torch.Tensor:
     """uint8 (H, W, 3) array -> uint8 tensor (3, H, W)."""
-    t = torch.as_tensor(image)
+    # a writable copy: arrays backed by a PIL image are read-only, which torch warns about
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
     if t.ndim != 3 or t.shape[2] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {tuple(t.shape)}")
     return t.permute(2, 0, 1).contiguous()

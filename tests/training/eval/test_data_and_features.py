@@ -138,3 +138,18 @@ def test_cache_tells_student_from_teacher_and_survives_damage(tmp_path: Path) ->
     again = extract_features(a, data, cfg, cache_dir=tmp_path)
     assert torch.equal(again.patch, fa.patch)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_to_chw_copies_read_only_images_without_a_warning() -> None:
+    import warnings
+
+    from cotap.training.eval.features import to_chw
+
+    pixels = np.asarray(Image.fromarray(np.arange(60, dtype=np.uint8).reshape(4, 5, 3)))  # read-only
+    assert not pixels.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a non-writable array
+        chw = to_chw(pixels)
+    assert chw.shape == (3, 4, 5) and torch.equal(chw, torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="RGB"):
+        to_chw(np.zeros((4, 5), np.uint8))
