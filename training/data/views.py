@@ -347,6 +347,8 @@ def as_chw_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
             image = np.repeat(image[..., None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) image, got {image.shape}")
+        if not image.flags.writeable:  # backed by a PIL image: torch warns on read-only memory
+            image = image.copy()
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if image.dtype != torch.uint8:
         raise TypeError(f"expected a uint8 tensor, got {image.dtype}")

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from cotap.training.checkpoints import LoadedModel
+from cotap.training.data.views import as_chw_uint8
 from cotap.training.eval.datasets import EvalDataset
 from cotap.training.preprocess import normalize_tensor, resize_to
 
@@ -186,15 +186,6 @@ def input_size_for(data: EvalDataset, patch_size: int, size: tuple[int, int] | N
     return int(h), int(w)
 
 
-def to_chw(image: torch.Tensor | Any) -> torch.Tensor:
-    """uint8 (H, W, 3) array -> uint8 tensor (3, H, W)."""
-    # a writable copy: arrays backed by a PIL image are read-only, which torch warns about
-    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
-    if t.ndim != 3 or t.shape[2] != 3:
-        raise ValueError(f"expected an RGB image (H, W, 3), got shape {tuple(t.shape)}")
-    return t.permute(2, 0, 1).contiguous()
-
-
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8/float (3, H, W) in [0, 255] -> float32 (3, h, w) in [0, 255], Pillow-equivalent bicubic."""
     if tuple(image.shape[-2:]) == tuple(size):
@@ -267,7 +258,7 @@ def extract_features(
         batch: list[torch.Tensor] = []
         for i in range(start, min(n, start + config.batch_size)):
             item = data[i]
-            batch.append(resize_image(to_chw(item.image), size))
+            batch.append(resize_image(as_chw_uint8(item.image), size))
             if has_masks:
                 if item.mask is None:
                     raise ValueError(f"{data.name}: item {i} has no mask")

@@ -140,16 +140,16 @@ def test_cache_tells_student_from_teacher_and_survives_damage(tmp_path: Path) ->
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_to_chw_copies_read_only_images_without_a_warning() -> None:
+def test_as_chw_uint8_copies_read_only_images_without_a_warning() -> None:
     import warnings
 
-    from cotap.training.eval.features import to_chw
+    from cotap.training.data.views import as_chw_uint8
 
     pixels = np.asarray(Image.fromarray(np.arange(60, dtype=np.uint8).reshape(4, 5, 3)))  # read-only
     assert not pixels.flags.writeable
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns on a non-writable array
-        chw = to_chw(pixels)
+        chw = as_chw_uint8(pixels)
     assert chw.shape == (3, 4, 5) and torch.equal(chw, torch.from_numpy(pixels.copy()).permute(2, 0, 1))
-    with pytest.raises(ValueError, match="RGB"):
-        to_chw(np.zeros((4, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        as_chw_uint8(np.zeros((4, 5, 2), np.uint8))
