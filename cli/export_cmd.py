@@ -171,7 +171,8 @@ def _onnx(args: argparse.Namespace) -> int:
     from cotap.training.checkpoints import CheckpointError
 
     try:
-        before = {r.file: r for r in onnx_artifacts(read_bundle(args.bundle))}
+        earlier = read_bundle(args.bundle, verify=False)  # export_onnx verifies the files
+        before = {r.file: r for r in onnx_artifacts(earlier)}
         record = export_onnx(
             args.bundle,
             precision=args.precision,

@@ -8,7 +8,7 @@ with the bundle's mean/std, and returns `patch` (B, h, w, 2D), `cls` (B, 2D) and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Self
 
@@ -76,6 +76,25 @@ class EngineArtifact(_Record):
 
 def onnx_artifacts(bundle: Bundle) -> list[OnnxArtifact]:
     return [OnnxArtifact.from_dict(d) for d in bundle.artifacts.get(ONNX_KEY, [])]
+
+
+def serving_onnx(bundle: Bundle) -> dict[str, OnnxArtifact]:
+    """The ONNX model to serve per precision, for the server and for Triton alike: among those
+    exported for every size the bundle declares (its preprocessing produces those sizes, and a
+    model lacks position embeddings for any other), the one for exactly those sizes first, then
+    the one for fewest sizes, then manifest order."""
+    declared = set(bundle.config.input_sizes)
+    covering = [r for r in onnx_artifacts(bundle) if declared <= set(r.sizes)]
+    covering.sort(key=lambda r: (set(r.sizes) != declared, len(r.sizes)))  # stable: manifest order last
+    chosen: dict[str, OnnxArtifact] = {}
+    for r in covering:
+        chosen.setdefault(r.precision, r)
+    return chosen
+
+
+def sizes_text(sizes: Iterable[tuple[int, int]]) -> str:
+    """[(24, 40), (32, 32)] -> "24x40, 32x32" (height x width, sorted), for messages."""
+    return ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
 
 
 def engine_artifacts(bundle: Bundle) -> list[EngineArtifact]:

@@ -20,10 +20,9 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from cotap.core.artifacts import INPUT_NAME, engine_artifacts, onnx_artifacts
-from cotap.core.bundle import Bundle, read_bundle, sha256_file
+from cotap.core.artifacts import INPUT_NAME, engine_artifacts, onnx_artifacts, serving_onnx, sizes_text
+from cotap.core.bundle import read_bundle, sha256_file
 
 KINDS = ("KIND_GPU", "KIND_CPU")
 
@@ -111,21 +110,6 @@ def config_pbtxt(
     return "\n".join(lines) + "\n"
 
 
-def _onnx_record(bundle: Bundle, precision: str) -> Any:
-    """The bundle's ONNX model of `precision` for the sizes the bundle declares: the exact set
-    first, then the one taking most of them. None when every such model is for other sizes only:
-    the bundle's preprocessing produces the declared sizes, so a Triton model without any of them
-    would refuse every input prepared the bundle's way."""
-    declared = set(bundle.config.input_sizes)
-    records = [r for r in onnx_artifacts(bundle) if r.precision == precision and declared & set(r.sizes)]
-    records.sort(key=lambda r: (set(r.sizes) != declared, -len(declared & set(r.sizes)), len(r.sizes)))
-    return records[0] if records else None
-
-
-def _sizes_text(sizes: Sequence[tuple[int, int]]) -> str:
-    return ", ".join(f"{h}x{w}" for h, w in sorted(sizes))
-
-
 def export_triton(
     bundle_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -134,20 +118,21 @@ def export_triton(
     export_missing: bool = False,
     overwrite: bool = False,
 ) -> list[str]:
-    """Write the repository; returns the model names written. Needs an ONNX model in the bundle
-    for (some of) its declared sizes (`cotap export onnx`), or `export_missing=True` to export one
-    for all of them first."""
+    """Write the repository; returns the model names written. Needs an ONNX model in the bundle for
+    all its declared sizes (`serving_onnx`, as the server; `cotap export onnx`), or
+    `export_missing=True` to export one first."""
     bundle = read_bundle(bundle_dir)
-    record = _onnx_record(bundle, options.precision)
+    record = serving_onnx(bundle).get(options.precision)
     if record is None:
         if not export_missing:
             others = [r for r in onnx_artifacts(bundle) if r.precision == options.precision]
             what = (
                 f"no {options.precision} ONNX model"
                 if not others
-                else f"{options.precision} ONNX models only for sizes it does not declare ("
-                + "; ".join(_sizes_text(r.sizes) for r in others)
-                + f"; it declares {_sizes_text(bundle.config.input_sizes)})"
+                else f"no {options.precision} ONNX model for all the sizes it declares "
+                f"({sizes_text(bundle.config.input_sizes)}; exported: "
+                + "; ".join(sizes_text(r.sizes) for r in others)
+                + ")"
             )
             raise ValueError(
                 f"bundle {bundle.path} has {what}; run `cotap export onnx --bundle "
@@ -157,7 +142,7 @@ def export_triton(
 
         export_onnx(bundle.path, options.precision)
         bundle = read_bundle(bundle.path)
-        record = _onnx_record(bundle, options.precision)
+        record = serving_onnx(bundle)[options.precision]
     repo = Path(out)
     name = options.name or bundle.config.name
     if not name or "/" in name:

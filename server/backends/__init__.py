@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from cotap.core.artifacts import onnx_artifacts
+from cotap.core.artifacts import serving_onnx
 from cotap.core.bundle import Bundle
 from cotap.core.version import install_hint
 from cotap.server.backends.base import Backend, BackendError, BackendOptions, NumpyOps, PostOps
@@ -60,15 +60,16 @@ def choose_backend(bundle: Bundle, name: str, options: BackendOptions) -> tuple[
         notes.append(f"tensorrt: {reason}")
     else:
         notes.append("tensorrt: not installed or device is cpu")
-    if onnx_artifacts(bundle) and importlib.util.find_spec("onnxruntime") is not None:
-        on_cpu = options.device == "cpu" or not _torch_has_cuda()
-        if on_cpu or _ort_has_gpu():
-            return "onnxruntime", notes
-        notes.append("onnxruntime: CPU-only build while torch has a GPU")
-    else:
+    if importlib.util.find_spec("onnxruntime") is None:
+        notes.append("onnxruntime: not installed")
+    elif not serving_onnx(bundle):
         notes.append(
-            "onnxruntime: the bundle has no ONNX model (cotap export onnx --bundle BUNDLE) or onnxruntime is missing"
+            "onnxruntime: the bundle has no ONNX model for all its input sizes (cotap export onnx --bundle BUNDLE)"
         )
+    elif options.device == "cpu" or not _torch_has_cuda() or _ort_has_gpu():
+        return "onnxruntime", notes
+    else:
+        notes.append("onnxruntime: CPU-only build while torch has a GPU")
     if importlib.util.find_spec("torch") is None:
         raise BackendError(
             "no backend can serve this bundle: torch is not installed and "

@@ -3,7 +3,7 @@
 asked for.
 
 On the CPU, outputs arrive as NumPy arrays and post-processing runs in NumPy, except the float16
-cast of the answer, which ONNX Runtime's vectorised Cast does 25x faster (`half_cast`). On a GPU,
+cast of the answer, which ONNX Runtime's vectorised Cast does about 20x faster (`half_cast`). On a GPU,
 when torch with CUDA is installed, inputs and outputs are bound to torch tensors on the GPU (I/O
 binding) and post-processing runs there in torch (`TorchOps`): only the answer is copied to the
 host. Without torch it falls back to NumPy on the host, and says so in the backend's warnings.
@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, OnnxArtifact, onnx_artifacts
+from cotap.core.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    OnnxArtifact,
+    onnx_artifacts,
+    serving_onnx,
+    sizes_text,
+)
 from cotap.core.bundle import Bundle
 from cotap.core.version import install_hint
 from cotap.server.backends.base import Backend, BackendError, BackendOptions, NumpyOps, cuda_index
@@ -31,37 +38,34 @@ def _import_ort() -> Any:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendError(
-            f"onnxruntime is not installed: {install_hint('serve')} (or onnxruntime-gpu for CUDA)"
+            f"onnxruntime is not installed: {install_hint('serve')}; for CUDA, onnxruntime-gpu instead"
         ) from e
     return ort
 
 
 def choose_artifact(bundle: Bundle, precision: str, gpu: bool) -> OnnxArtifact:
     """The ONNX model to serve for `precision` (auto: fp16 on a GPU, else fp32, else what exists),
-    among those exported for every input size the bundle declares."""
+    among those exported for every input size the bundle declares (`serving_onnx`)."""
     records = onnx_artifacts(bundle)
     if not records:
         raise BackendError(
             f"bundle {bundle.config.name!r} ({bundle.path}) has no ONNX model: build one with "
             f"`cotap export onnx --bundle {bundle.path}`, or serve it with --backend torch"
         )
-    declared = set(bundle.config.input_sizes)
-    covering = [r for r in records if declared <= set(r.sizes)]
-    if not covering:
+    by_precision = serving_onnx(bundle)
+    if not by_precision:
         raise BackendError(
-            f"no ONNX model of bundle {bundle.config.name!r} covers its input sizes {sorted(declared)} "
-            f"(exported: {[(r.file, [list(s) for s in r.sizes]) for r in records]}); re-export with "
-            f"`cotap export onnx --bundle {bundle.path}`"
+            f"no ONNX model of bundle {bundle.config.name!r} covers its input sizes "
+            f"({sizes_text(bundle.config.input_sizes)}; exported: "
+            + "; ".join(f"{r.file}: {sizes_text(r.sizes)}" for r in records)
+            + f"); re-export with `cotap export onnx --bundle {bundle.path}`, or serve it with --backend torch"
         )
-    by_precision: dict[str, OnnxArtifact] = {}
-    for r in covering:
-        by_precision.setdefault(r.precision, r)
     if precision == "auto":
         order = ("fp16", "fp32", "int8") if gpu else ("fp32", "fp16", "int8")
         return next(by_precision[p] for p in order if p in by_precision)
     if precision not in by_precision:
         raise BackendError(
-            f"bundle {bundle.config.name!r} has no {precision} ONNX model (it has "
+            f"bundle {bundle.config.name!r} has no {precision} ONNX model for its input sizes (it has "
             f"{', '.join(sorted(by_precision))}): `cotap export onnx --bundle {bundle.path} --precision {precision}`"
         )
     return by_precision[precision]
@@ -136,7 +140,6 @@ class OnnxRuntimeBackend(Backend):
         batch_dim = self.session.get_inputs()[0].shape[0]
         if isinstance(batch_dim, int) and batch_dim > 0:
             self.max_batch = batch_dim
-        self.ops = NumpyOps(half=HalfCast(ort))
         self._bound: TorchBoundIO | None = None
         if bind_torch is None:
             bind_torch = self.device == "cuda"
@@ -149,6 +152,8 @@ class OnnxRuntimeBackend(Backend):
                 )
             else:
                 self.ops = self._bound.ops
+        if self._bound is None:
+            self.ops = NumpyOps(half=HalfCast(ort))
 
     def _check_io(self) -> None:
         inputs = [i.name for i in self.session.get_inputs()]

@@ -4,6 +4,7 @@ killed half way and restarted (finished files are not redone); `prototypes`, `co
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -176,9 +177,25 @@ def test_a_closed_pipe_ends_the_command_quietly(server_url: str, tmp_path: Path)
     cmd = [sys.executable, "-m", "cotap.cli.main", "prototypes", str(a), "--url", server_url]
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the first line is written
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
     try:
-        done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, timeout=120)
+        done = subprocess.run(cmd, stdout=write, stderr=subprocess.PIPE, timeout=120, env=env)
     finally:
         os.close(write)
     assert done.returncode == 0, done.stderr.decode()
     assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cotap.cli.main as cli_main
+
+    def fails(args: object) -> int:
+        raise BrokenPipeError("a subprocess went away")
+
+    class Parser:
+        def parse_args(self, argv: object) -> argparse.Namespace:
+            return argparse.Namespace(func=fails)
+
+    monkeypatch.setattr(cli_main, "build_parser", Parser)
+    with pytest.raises(BrokenPipeError, match="subprocess"):
+        cli_main.main(["models"])  # stdout (pytest's capture) is fine: the error is not swallowed

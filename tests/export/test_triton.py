@@ -7,6 +7,7 @@ from a descriptor here, so the test needs no tritonclient and rejects any field 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,13 @@ def parse(path: Path) -> Any:
     return msg
 
 
-def test_onnx_repository_parses_with_right_dims(tiny_bundle: Bundle, tmp_path: Path) -> None:
-    export_onnx(tiny_bundle.path, "fp32", sizes=[(32, 32)], max_batch=16)
+def test_onnx_repository_parses_with_right_dims(
+    bundle_factory: Callable[..., Bundle], tmp_path: Path
+) -> None:
+    one_size = bundle_factory("one", ((32, 32),))
+    export_onnx(one_size.path, "fp32", max_batch=16)
     repo = tmp_path / "repo"
-    assert export_triton(tiny_bundle.path, repo, TritonOptions(instances=2)) == ["tiny"]
+    assert export_triton(one_size.path, repo, TritonOptions(instances=2)) == ["tiny"]
     cfg = parse(repo / "tiny" / "config.pbtxt")
     assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
     assert [(i.name, list(i.dims)) for i in cfg.input] == [("images", [3, 32, 32])]
@@ -161,12 +165,16 @@ def test_missing_onnx_model_is_explained(tiny_bundle: Bundle, tmp_path: Path) ->
         export_triton(tiny_bundle.path, tmp_path / "repo", TritonOptions(precision="fp16"))
 
 
-def test_a_model_for_sizes_the_bundle_does_not_declare_is_refused(
-    tiny_bundle: Bundle, tmp_path: Path
+@pytest.mark.parametrize("sizes", [[(48, 48)], [(32, 32)]], ids=["undeclared", "some-declared"])
+def test_a_model_without_every_declared_size_is_refused(
+    tiny_bundle: Bundle, tmp_path: Path, sizes: list[tuple[int, int]]
 ) -> None:
-    export_onnx(tiny_bundle.path, "fp32", sizes=[(48, 48)], max_batch=2)  # not a declared size
+    """As the server refuses it: the bundle's preprocessing makes 32x32 and 24x40 inputs."""
+    export_onnx(tiny_bundle.path, "fp32", sizes=sizes, max_batch=2)
+    exported = ", ".join(f"{h}x{w}" for h, w in sizes)
     with pytest.raises(
-        ValueError, match=r"only for sizes it does not declare \(48x48; it declares 24x40, 32x32\)"
+        ValueError,
+        match=rf"no fp32 ONNX model for all the sizes it declares \(24x40, 32x32; exported: {exported}\)",
     ):
         export_triton(tiny_bundle.path, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()

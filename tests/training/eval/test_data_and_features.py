@@ -151,5 +151,6 @@ def test_as_chw_uint8_copies_read_only_images_without_a_warning() -> None:
         warnings.simplefilter("error")  # torch warns on a non-writable array
         chw = as_chw_uint8(pixels)
     assert chw.shape == (3, 4, 5) and torch.equal(chw, torch.from_numpy(pixels.copy()).permute(2, 0, 1))
+    assert not np.shares_memory(chw.numpy(), pixels)  # a copy (torch warns only once per process)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         as_chw_uint8(np.zeros((4, 5, 2), np.uint8))
