@@ -38,7 +38,8 @@ def _import_ort() -> Any:
         import onnxruntime as ort
     except ImportError as e:
         raise BackendError(
-            f"onnxruntime is not installed: {install_hint('serve')}; for CUDA, onnxruntime-gpu instead"
+            f"onnxruntime is not installed: {install_hint('serve')}; for CUDA, then "
+            "`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`"
         ) from e
     return ort
 
@@ -83,7 +84,8 @@ def choose_providers(ort: Any, device: str) -> tuple[list[Any], bool]:
             return ["CPUExecutionProvider"], False
         raise BackendError(
             f"device {device!r} asked for, but this onnxruntime has no CUDA provider "
-            f"(available: {sorted(available)}); install onnxruntime-gpu or use --device cpu"
+            f"(available: {sorted(available)}); replace onnxruntime with onnxruntime-gpu "
+            "(`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`) or use --device cpu"
         )
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cotap" / "ort-trt"
     providers: list[Any] = []
