@@ -21,9 +21,10 @@ from cotap.core.wire import ERROR_MEDIA_TYPE, ErrorCode
 from cotap.server.errors import envelope_bytes
 
 
-def http_protocol(header_timeout_s: float = 10.0, max_header_bytes: int = 64 * 1024) -> Any:
+def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
     """The protocol class for `uvicorn.Config(http=...)`: bounded httptools, else "h11" (then
-    pass `h11_max_incomplete_event_size=max_header_bytes`)."""
+    pass `h11_max_incomplete_event_size=max_header_bytes`). The bounds come from the settings,
+    which own their defaults."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # no httptools: h11 bounds headers itself (h11_max_incomplete_event_size)
