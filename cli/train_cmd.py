@@ -43,7 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     knn.add_argument(
         "--size",
         type=int,
-        help="knn: images are resized (no crop) to SIZExSIZE (default: the model's input size)",
+        help="knn: each image's central square is resized to SIZExSIZE (default: the model's input size)",
+    )
+    knn.add_argument(
+        "--no-crop", action="store_true", help="knn: squash whole images to SIZExSIZE instead of cropping"
     )
     knn.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_train)
@@ -101,13 +104,24 @@ def _knn(args: argparse.Namespace) -> int:
         raise CLIError(f"cotap train knn needs {', '.join(missing)}")
     require("torch", "train")
     from cotap.training.checkpoints import CheckpointError
-    from cotap.training.data.neighbours import build_knn_file
+    from cotap.training.data.neighbours import build_knn_file, read_knn_meta
 
     try:
         path = build_knn_file(
-            args.data, args.checkpoint, k=args.k, out=args.out, size=args.size, batch_size=args.batch_size
+            args.data,
+            args.checkpoint,
+            k=args.k,
+            out=args.out,
+            size=args.size,
+            batch_size=args.batch_size,
+            center_crop=not args.no_crop,
         )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
-    print(json.dumps({"knn": str(path), "k": args.k}))
+    meta = read_knn_meta(path) or {}
+    print(
+        json.dumps(
+            {"knn": str(path), "k": args.k, "embedding": meta.get("embedding"), "crop": meta.get("crop")}
+        )
+    )
     return 0

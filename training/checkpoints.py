@@ -43,6 +43,9 @@ class LoadedModel:
     prototypes_initialized: bool
     notes: list[str] = field(default_factory=list)
     bundle: Bundle | None = None
+    # DINO's final LayerNorm ("weight", "bias"), which the model drops (the filter's output norm
+    # replaces it); kept for what needs DINO's own CLS feature, such as neighbour files.
+    final_norm: StateDict | None = None
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -230,6 +233,12 @@ def _build(sd: StateDict, arch: str | None, layout: str) -> tuple[CoTAPViT, str,
     return model.eval(), arch_name, initialized, notes + dropped
 
 
+def _final_norm(sd: StateDict, layout: str) -> StateDict | None:
+    if layout != "dino" or "norm.weight" not in sd or "norm.bias" not in sd:
+        return None
+    return {"weight": sd["norm.weight"], "bias": sd["norm.bias"]}
+
+
 def detect_layout(ckpt: Any) -> str:
     if isinstance(ckpt, Mapping):
         if ckpt.get("format") == TRAIN_FORMAT:
@@ -262,7 +271,7 @@ def load_model(
     if p.is_dir():
         bundle = read_bundle(p)
         sd = load_safetensors(bundle.file(WEIGHTS))
-        cfg = ViTConfig(**bundle.config.model)
+        cfg = ViTConfig.from_dict(bundle.config.model)
         model = CoTAPViT(cfg)
         load_state_dict_strict(model, sd)
         return LoadedModel(
@@ -283,7 +292,7 @@ def load_model(
         sd = strip_prefixes(load_safetensors(p), ("module.", "backbone."))
         layout = "plain" if "kernel" in sd else "dino"
         model, arch_name, init, notes = _build(sd, arch, layout)
-        return LoadedModel(model, arch_name, layout, digest, init, notes)
+        return LoadedModel(model, arch_name, layout, digest, init, notes, final_norm=_final_norm(sd, layout))
     ckpt = _torch_load(p)
     layout = detect_layout(ckpt)
     if layout == "cotap":
@@ -293,7 +302,7 @@ def load_model(
         notes = [f"cotap training checkpoint at step {ckpt.get('step')}: took the {w}"]
         model_cfg = ckpt.get("model_config")
         if model_cfg:
-            model = CoTAPViT(ViTConfig(**model_cfg))
+            model = CoTAPViT(ViTConfig.from_dict(model_cfg))
             load_state_dict_strict(model, sd)
             init = bool(ckpt.get("prototypes_initialized", True))
             return LoadedModel(model.eval(), str(arch), layout, digest, init, notes)
@@ -306,4 +315,6 @@ def load_model(
         if "kernel" in sd:
             layout = "plain"
     model, arch_name, init, more = _build(sd, arch, layout)
-    return LoadedModel(model, arch_name, layout, digest, init, notes + more)
+    return LoadedModel(
+        model, arch_name, layout, digest, init, notes + more, final_norm=_final_norm(sd, layout)
+    )

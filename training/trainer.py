@@ -23,6 +23,7 @@ import dataclasses
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class Trainer:
         self.prototypes_from_init = False
         resume_ckpt = read_checkpoint(last) if resume else None
         if resume_ckpt is not None:
-            backbone: CoTAPViT = CoTAPViT(ViTConfig(**resume_ckpt["model_config"]))
+            backbone: CoTAPViT = CoTAPViT(ViTConfig.from_dict(resume_ckpt["model_config"]))
             self.arch = str(resume_ckpt["arch"])
             self.init_note = str(resume_ckpt.get("init", "resumed"))
         elif config.model.init == "scratch":
@@ -415,6 +416,13 @@ class Trainer:
         cfg = self.config
         end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
         images_per_step = 2 * cfg.data.batch_size * self.env.world_size  # anchors + partners
+        if cfg.data.knn is None and self.env.is_main and self.step < end:
+            print(
+                f"{cfg.name}: data.knn is not set, so each image's partner is a second crop set of itself "
+                "(the nearest-neighbour pairs of the method are off); build a neighbour file with "
+                "`cotap train knn` and set data.knn=FILE",
+                file=sys.stderr,
+            )
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,

@@ -70,7 +70,7 @@ class TorchBackend(Backend):
             with _threads_lock:
                 torch.set_num_threads(options.intra_op_threads)
         try:
-            model = CoTAPViT(ViTConfig(**bundle.config.model))
+            model = CoTAPViT(ViTConfig.from_dict(bundle.config.model))
             load_state_dict_strict(model, load_safetensors(bundle.file(WEIGHTS)))
         except Exception as e:
             raise BackendError(

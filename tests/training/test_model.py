@@ -66,6 +66,59 @@ def test_position_embedding_interpolation_identity_and_shape() -> None:
     assert m.interpolate_pos_encoding(3, 7).shape == (1, 1 + 21, 32)
 
 
+def _naive_bicubic_1d(src: torch.Tensor, out: int, step: float) -> torch.Tensor:
+    """Resample (..., n) to (..., out) with Keys' cubic (a = -0.75), half-pixel centres and clamped
+    borders: output j reads the input at x = (j + 0.5) * step - 0.5."""
+    a = -0.75
+
+    def w(d: float) -> float:
+        d = abs(d)
+        if d <= 1:
+            return ((a + 2) * d - (a + 3)) * d * d + 1
+        if d < 2:
+            return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        return 0.0
+
+    n = src.shape[-1]
+    cols = []
+    for j in range(out):
+        x = (j + 0.5) * step - 0.5
+        base = math.floor(x)
+        col = torch.zeros_like(src[..., 0])
+        for tap in range(base - 1, base + 3):
+            col = col + w(x - tap) * src[..., min(max(tap, 0), n - 1)]
+        cols.append(col)
+    return torch.stack(cols, dim=-1)
+
+
+@pytest.mark.parametrize("offset", [0.1, 0.0])
+def test_position_embedding_resampling_follows_dino(offset: float) -> None:
+    """DINO and the CoTAP release resample by a scale of (g + 0.1) / g0, so a grid g reads the
+    stored table at (j + 0.5) * g0 / (g + 0.1) - 0.5; offset 0 is plain size-based resampling."""
+    torch.manual_seed(0)
+    m = build_model("cotap_test", interpolate_offset=offset)  # 4x4 stored grid
+    with torch.no_grad():
+        m.pos_embed.normal_()
+        for gh, gw in [(6, 6), (3, 7), (2, 2)]:
+            got = m.interpolate_pos_encoding(gh, gw)
+            table = m.pos_embed[0, 1:].reshape(4, 4, -1).permute(2, 0, 1)  # (D, 4, 4)
+            rows = _naive_bicubic_1d(table.transpose(1, 2), gh, 4 / (gh + offset)).transpose(1, 2)
+            want = _naive_bicubic_1d(rows, gw, 4 / (gw + offset))  # (D, gh, gw)
+            torch.testing.assert_close(got[0, 1:], want.permute(1, 2, 0).reshape(gh * gw, -1))
+            torch.testing.assert_close(got[0, 0], m.pos_embed[0, 0])
+
+
+def test_saved_configs_without_the_offset_keep_size_based_resampling() -> None:
+    from cotap.training.models import ViTConfig
+
+    saved = model_config("cotap_test").to_dict()
+    assert saved.pop("interpolate_offset") == 0.1  # new models resample as DINO
+    assert ViTConfig.from_dict(saved).interpolate_offset == 0.0
+    assert ViTConfig.from_dict({**saved, "interpolate_offset": 0.1}).interpolate_offset == 0.1
+    with pytest.raises(ValueError, match="interpolate_offset"):
+        build_model("cotap_test", interpolate_offset=1.0)
+
+
 def _naive_filter(block, h: torch.Tensor, kernel: torch.Tensor, gh: int, gw: int):  # type: ignore[no-untyped-def]
     """Per-position, per-head, per-prototype loops of the §2.2 formulas (independent of the model code)."""
     b, n1, d = h.shape

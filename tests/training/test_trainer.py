@@ -166,7 +166,9 @@ def test_ablation_switches_and_init_from_bundle(unbroken: tuple[Trainer, Path], 
     assert not torch.equal(kernel, trainer.student.backbone.kernel)  # the entropy loss moved them
 
 
-def test_contrastive_only_pretraining_moves_the_backbone(tmp_path: Path) -> None:
+def test_contrastive_only_pretraining_moves_the_backbone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The from-scratch initialisation recipe of docs/results.md: the CLS InfoNCE alone."""
     cfg = tiny_config(
         "max_steps=3",
@@ -179,6 +181,7 @@ def test_contrastive_only_pretraining_moves_the_backbone(tmp_path: Path) -> None
     trainer = Trainer(cfg, tmp_path / "nce")
     before = trainer.student.backbone.patch_embed.proj.weight.detach().clone()
     result = trainer.fit()
+    assert "data.knn is not set" in capsys.readouterr().err  # the pairing is off: said once, at the start
     loss = result.last_metrics["loss_cls_nce"]
     assert 0 < loss < 2 * 12, loss  # InfoNCE over 2·4 images × 2 globals: about ln 16 at the start
     assert set(result.last_metrics) & {"loss_cls_inner", "loss_patch_intra", "loss_entropy"} == set()
@@ -230,14 +233,17 @@ def test_cli_knn_then_train_with_neighbour_pairs(
         str(nns),
     ]
     assert cli_main(args) == 0
-    table = load_knn_file(json.loads(capsys.readouterr().out)["knn"], expected_len=32)
+    report = json.loads(capsys.readouterr().out)
+    table = load_knn_file(report["knn"], expected_len=32)
     assert table.shape == (32, 3) and (table[:, 0] == range(32)).all()
+    assert "CLS output" in report["embedding"] and report["crop"] == "center square"  # trained prototypes
     trainer = Trainer(
         tiny_config("max_steps=2", f"data.knn={nns}", "data.k=3", "bundle.enabled=false", "plot=false"),
         tmp_path / "run",
     )
     trainer.fit()
     assert trainer.data.nns is not None and trainer.step == 2
+    assert "data.knn is not set" not in capsys.readouterr().err
     assert cli_main(["train", "knn", "--data", "synthetic:4"]) == 2  # missing --checkpoint/--out
 
 

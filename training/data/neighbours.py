@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from cotap.training.checkpoints import load_model
 from cotap.training.data.folders import open_dataset
 from cotap.training.data.pairs import split_item
 from cotap.training.data.views import as_chw_uint8
+from cotap.training.models import CoTAPViT
 from cotap.training.preprocess import preprocess_tensor
 
 KNN_FORMAT = "cotap-knn-v1"
@@ -36,34 +38,69 @@ class KnnFileError(ValueError):
 
 
 class _Preprocessed(Dataset):
-    def __init__(self, dataset: Any, preprocess: PreprocessConfig) -> None:
-        self.dataset, self.preprocess = dataset, preprocess
+    def __init__(self, dataset: Any, preprocess: PreprocessConfig, center_crop: bool) -> None:
+        self.dataset, self.preprocess, self.center_crop = dataset, preprocess, center_crop
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         image, _ = split_item(self.dataset[i])
-        return preprocess_tensor(as_chw_uint8(image), self.preprocess)
+        x = as_chw_uint8(image)  # (3, H, W)
+        if self.center_crop:  # the central square: resize-then-center-crop up to border pixels
+            h, w = x.shape[-2:]
+            s = min(h, w)
+            x = x[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        return preprocess_tensor(x, self.preprocess)
+
+
+def cls_embedding(
+    model: CoTAPViT, final_norm: Mapping[str, torch.Tensor] | None = None, plain: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The image embedding neighbours are ranked by: images (B, 3, H, W) -> (B, C).
+
+    By default the model's CLS output (2D, the filter's). With `plain`, the backbone's own CLS
+    token after the last block (D), through `final_norm` when given: for a DINO initialisation,
+    whose prototypes are still random, this is DINO's CLS feature, what the release's neighbour
+    files were built from (cotap-method.md §7.3)."""
+    if not plain:
+        return lambda x: model.forward_features(x)["cls"]
+    if final_norm is not None:
+        weight, bias = final_norm["weight"], final_norm["bias"]
+
+    def plain_cls(x: torch.Tensor) -> torch.Tensor:
+        cls = model.get_intermediate_layers(x, n=1)[0][:, 0]  # (B, D)
+        if final_norm is None:
+            return cls
+        return F.layer_norm(cls, cls.shape[-1:], weight.to(cls), bias.to(cls), eps=1e-6)  # DINO's eps
+
+    return plain_cls
 
 
 def embed_cls(
-    model: torch.nn.Module,  # a CoTAPViT, or anything with forward_features(x)["cls"]
+    model: CoTAPViT,
     dataset: Any,
     preprocess: PreprocessConfig,
     batch_size: int = 32,
     progress: bool = True,
     num_workers: int = 0,
     device: torch.device | str | None = None,
+    embedding: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    center_crop: bool = False,
 ) -> torch.Tensor:
-    """CLS features (N, 2D) float32 on the CPU of every image of `dataset`, in order, with
-    `model.forward_features(x)["cls"]` on inputs preprocessed by `preprocess` (use a fixed size so
-    images batch)."""
+    """Embeddings (N, C) float32 on the CPU of every image of `dataset`, in order: `embedding`
+    (default `cls_embedding(model)`, the model's CLS output) of the images preprocessed by
+    `preprocess` (a fixed size, so that images batch), after cropping each to its central square
+    with `center_crop`."""
     if device is None:
         device = next(model.parameters()).device
     model = model.eval().to(device)
+    embed = embedding or cls_embedding(model)
     loader = DataLoader(
-        _Preprocessed(dataset, preprocess), batch_size=batch_size, shuffle=False, num_workers=num_workers
+        _Preprocessed(dataset, preprocess, center_crop),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
     )
     it: Any = loader
     if progress:
@@ -73,8 +110,7 @@ def embed_cls(
     out = []
     with torch.inference_mode():
         for x in it:
-            features = model.forward_features(x.to(device))  # type: ignore[operator]
-            out.append(features["cls"].float().cpu())
+            out.append(embed(x.to(device)).float().cpu())
     if not out:
         raise ValueError("the dataset is empty")
     return torch.cat(out)
@@ -115,10 +151,15 @@ def build_knn_file(
     num_workers: int = 0,
     device: torch.device | str | None = None,
     arch: str | None = None,
+    center_crop: bool = True,
 ) -> Path:
     """Embed every image of `dataset` (a dataset, a folder or `synthetic:N[:seed[:size]]`) with the
     model in `checkpoint` (anything `load_model` reads), at `size` x `size` (default: the model's
-    img_size), and write the top-k neighbour file to `out` (default `nns_k{k}_{size}.npz`)."""
+    img_size) from each image's central square (the whole image squashed without `center_crop`),
+    and write the top-k neighbour file to `out` (default `nns_k{k}_{size}.npz`).
+
+    A model with trained prototypes embeds with its CLS output; one without (a DINO checkpoint)
+    with the backbone's CLS token through DINO's final norm, the feature the release used."""
     spec = None
     if isinstance(dataset, (str, os.PathLike)):
         spec = os.fspath(dataset)
@@ -135,7 +176,17 @@ def build_knn_file(
     pre = PreprocessConfig(resize="fixed", size=(size, size), patch_size=patch, mean=mean, std=std)
     if device is not None:
         model = model.to(device)
-    features = embed_cls(model, dataset, pre, batch_size, progress, num_workers)
+    plain = not loaded.prototypes_initialized
+    embedding = cls_embedding(model, loaded.final_norm, plain)
+    if not plain:
+        described = "the model's CLS output (object-aware filter)"
+    elif loaded.final_norm is not None:
+        described = "the backbone's CLS token through the checkpoint's final norm (DINO's CLS feature)"
+    else:
+        described = "the backbone's CLS token (the prototypes are not initialised)"
+    features = embed_cls(
+        model, dataset, pre, batch_size, progress, num_workers, embedding=embedding, center_crop=center_crop
+    )
     nns = nearest_neighbours(features, k)
     failures = list(getattr(dataset, "failures", []) or [])
     meta = {
@@ -143,6 +194,8 @@ def build_knn_file(
         "k": int(k),
         "n": int(nns.shape[0]),
         "size": size,
+        "crop": "center square" if center_crop else "none (squashed)",
+        "embedding": described,
         "arch": loaded.arch,
         "checkpoint": os.fspath(checkpoint),
         "checkpoint_sha256": loaded.source_sha256,

@@ -32,6 +32,16 @@ class ViTConfig:
     kernel_size: int = 3
     detach_prototypes: bool = True  # the main losses see `kernel.detach()`, as the release code
     use_filter: bool = True  # False: ablation without the filter, outputs LayerNorm([h ; h]), uniform assign
+    # Position embeddings for another grid g are resampled by a scale of (g + offset) / g0, as DINO
+    # and the CoTAP release do (offset 0.1): their checkpoints give their authors' features at 96 px
+    # crops and 448 px only so. 0.0 is plain size-based resampling (configs saved before this field).
+    interpolate_offset: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        """A config saved with a checkpoint or bundle. Those written before `interpolate_offset`
+        existed resampled position embeddings by size, and keep doing so."""
+        return cls(**{"interpolate_offset": 0.0, **d})
 
     @property
     def output_dim(self) -> int:
@@ -50,6 +60,8 @@ class CoTAPViT(nn.Module):
             raise ValueError(
                 f"img_size {config.img_size} is not a multiple of patch_size {config.patch_size}"
             )
+        if not 0.0 <= config.interpolate_offset < 1.0:
+            raise ValueError(f"interpolate_offset must be in [0, 1), not {config.interpolate_offset}")
         self.config = config
         d = config.embed_dim
         self.patch_size = config.patch_size
@@ -99,7 +111,14 @@ class CoTAPViT(nn.Module):
         if (gh, gw) == (g0, g0):
             return pos
         patch_pos = pos[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        off = self.config.interpolate_offset
+        if off:  # DINO: the offset keeps floor(g0 * scale) at g despite rounding
+            scale = ((gh + off) / g0, (gw + off) / g0)
+            patch_pos = F.interpolate(
+                patch_pos.float(), scale_factor=scale, mode="bicubic", align_corners=False
+            )
+        else:
+            patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         return torch.cat([pos[:, :1], patch_pos], dim=1)
 

@@ -119,3 +119,70 @@ def test_foreign_and_broken_files(tmp_path: Path) -> None:
         load_knn_file(tmp_path / "junk.npz")
     with pytest.raises(KnnFileError, match="not found"):
         load_knn_file(tmp_path / "missing.npz")
+
+
+def _dino_checkpoint(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A DINO-layout backbone (no prototypes, no filter norms) with a non-trivial final norm."""
+    from cotap.training.checkpoints import filter_keys
+
+    torch.manual_seed(1)
+    model = build_model("cotap_test")
+    drop = set(filter_keys(model.config.depth))
+    sd = {k: v for k, v in model.state_dict().items() if k not in drop}
+    d = model.config.embed_dim
+    norm = {"weight": torch.rand(d) + 0.5, "bias": torch.randn(d)}
+    torch.save(sd | {"norm.weight": norm["weight"], "norm.bias": norm["bias"]}, path)
+    return path, norm
+
+
+def test_dino_init_ranks_by_dinos_own_cls_feature(tmp_path: Path) -> None:
+    """Random prototypes carry no meaning: a DINO checkpoint's neighbours come from the last block's
+    CLS token through DINO's final LayerNorm (what the release's neighbour files were built from)."""
+    from cotap.training.checkpoints import load_model
+
+    ckpt, norm = _dino_checkpoint(tmp_path / "dino.pth")
+    spec = "synthetic:12:0:32"
+    path = build_knn_file(spec, ckpt, k=4, out=tmp_path / "nns.npz", progress=False, arch="cotap_test")
+    model = load_model(ckpt, arch="cotap_test").model
+    ds = open_dataset(spec)
+    pre = PreprocessConfig(size=(32, 32), patch_size=8)
+    x = torch.stack([preprocess_tensor(torch.from_numpy(ds[i]).permute(2, 0, 1), pre) for i in range(12)])
+    with torch.inference_mode():
+        tokens = model.get_intermediate_layers(x, n=1)[0]  # (12, 1+N, D)
+        cls = tokens[:, 0]
+        mu = cls.mean(-1, keepdim=True)
+        var = ((cls - mu) ** 2).mean(-1, keepdim=True)
+        dino = (cls - mu) / torch.sqrt(var + 1e-6) * norm["weight"] + norm["bias"]
+        filtered = model.forward_features(x)["cls"]
+    got = load_knn_file(path)
+    assert np.array_equal(got, _brute_force(dino.numpy(), 4))
+    assert not np.array_equal(got, _brute_force(filtered.numpy(), 4))  # the filter's CLS ranks otherwise
+    meta = read_knn_meta(path)
+    assert meta is not None and "final norm" in meta["embedding"] and meta["crop"] == "center square"
+
+
+def test_images_are_center_cropped_to_a_square(tmp_path: Path, bundle: Path) -> None:
+    from PIL import Image
+
+    from cotap.training.checkpoints import load_model
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    arrays = [
+        rng.integers(0, 256, (40, 64, 3), dtype=np.uint8),
+        rng.integers(0, 256, (72, 48, 3), dtype=np.uint8),
+    ]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"{i}.png")
+    model = load_model(bundle).model
+    pre = PreprocessConfig(size=(32, 32), patch_size=8)
+    ds = open_dataset(str(folder))
+    cropped = [arrays[0][:, 12:52], arrays[1][12:60]]  # the central squares, cut by hand
+    want = torch.stack([preprocess_tensor(torch.from_numpy(c).permute(2, 0, 1), pre) for c in cropped])
+    with torch.inference_mode():
+        want_cls = model.forward_features(want)["cls"]
+    got = embed_cls(model, ds, pre, batch_size=2, progress=False, center_crop=True)
+    torch.testing.assert_close(got, want_cls)
+    squashed = embed_cls(model, ds, pre, batch_size=2, progress=False, center_crop=False)
+    assert not torch.allclose(squashed, want_cls)
