@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cotap.core.artifacts import INPUT_NAME
+
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 
 
@@ -149,3 +151,26 @@ def check_engine_compatible(record: Any, device: DeviceFacts) -> Compatibility:
             f"{device.tensorrt_version}), or serve the bundle's ONNX model with onnxruntime instead."
         )
     return verdict
+
+
+# -- runtime calls shared by the exporter's accuracy gate and the server's backend ---------------
+def deserialize_plan(trt: Any, plan: bytes, version_compatible: bool) -> Any | None:
+    """The `ICudaEngine` of a serialized plan, or None when TensorRT cannot load it. A
+    version-compatible plan embeds the lean runtime (host code), which a runtime only loads with
+    `engine_host_code_allowed` set before it deserialises. `trt` is the tensorrt module."""
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    if version_compatible:
+        runtime.engine_host_code_allowed = True
+    return runtime.deserialize_cuda_engine(plan)
+
+
+def set_engine_input_shape(
+    context: Any, shape: tuple[int, ...], profile: int, batch: tuple[int, int]
+) -> None:
+    """`context.set_input_shape` for the images input, raising when TensorRT refuses the shape
+    (it returns False for a shape outside the selected profile's min..max)."""
+    if not context.set_input_shape(INPUT_NAME, tuple(shape)):
+        raise RuntimeError(
+            f"TensorRT refused input shape {tuple(shape)} for optimisation profile {profile} "
+            f"(batch {batch[0]}..{batch[1]} at its size)"
+        )

@@ -1,8 +1,10 @@
 """Deployment targets (`configs/targets.yaml`): which GPU, which TensorRT, which precision and shapes.
 
 A target is what one engine is built for. The file is validated on load: unknown keys, impossible
-batch ranges, malformed compute capabilities or versions, DLA on a GPU without one and Ampere-plus
-hardware compatibility on Jetson are refused with the target's name in the message.
+batch ranges, malformed compute capabilities or versions, DLA on a GPU without one or with a batch
+range (DLA runs static shapes only: min = opt = max), and hardware compatibility other than `none`
+on Jetson (TensorRT supports hardware-compatible engines on data-centre/desktop GPUs only) are
+refused with the target's name in the message.
 
 ```yaml
 defaults: {workspace_mb: 2048}
@@ -117,6 +119,20 @@ def target_from_dict(name: str, raw: Mapping[str, Any], defaults: Mapping[str, A
     return target
 
 
+def dla_batch_refusal(t: Target) -> str | None:
+    """Why `t`'s batch range cannot run on its DLA (None when it can, or when it uses no DLA).
+
+    The DLA runs static shapes only: every optimisation profile of a DLA engine needs
+    min = opt = max, so a DLA target has one fixed batch size (the server pads smaller batches up
+    to it)."""
+    if t.dla_core is None or t.min_batch == t.opt_batch == t.max_batch:
+        return None
+    return (
+        f"DLA engines need a fixed batch (min = opt = max; the DLA runs static shapes only), got "
+        f"{t.min_batch}/{t.opt_batch}/{t.max_batch}; use e.g. batch: {{min: 1, opt: 1, max: 1}}"
+    )
+
+
 def _validate(t: Target) -> None:
     where = f"target {t.name!r}"
     if t.family not in FAMILIES:
@@ -137,13 +153,21 @@ def _validate(t: Target) -> None:
         raise TargetError(f"{where}: workspace_mb must be positive")
     if t.hardware_compatibility not in HARDWARE_LEVELS:
         raise TargetError(f"{where}: hardware_compatibility must be one of {HARDWARE_LEVELS}")
-    if t.hardware_compatibility == "ampere_plus" and (cc < (8, 0) or t.family == "jetson"):
-        raise TargetError(f"{where}: ampere_plus needs a non-Jetson GPU of compute capability 8.0 or newer")
+    if t.family == "jetson" and t.hardware_compatibility != "none":
+        raise TargetError(
+            f"{where}: hardware_compatibility {t.hardware_compatibility!r} is not supported on Jetson "
+            "(TensorRT builds hardware-compatible engines for data-centre/desktop GPUs only); use none"
+        )
+    if t.hardware_compatibility == "ampere_plus" and cc < (8, 0):
+        raise TargetError(f"{where}: ampere_plus needs a GPU of compute capability 8.0 or newer")
     if t.dla_core is not None:
         if t.family != "jetson" or t.dla_core < 0:
             raise TargetError(f"{where}: dla_core is only for Jetson targets with a DLA (core 0 or 1)")
         if t.precision == "fp32":
             raise TargetError(f"{where}: DLA runs fp16 or int8 only")
+        refusal = dla_batch_refusal(t)
+        if refusal is not None:
+            raise TargetError(f"{where}: {refusal}")
     if t.int8_mode not in INT8_MODES:
         raise TargetError(f"{where}: int8_mode must be one of {INT8_MODES}")
     if not 0 <= t.builder_optimization_level <= 5:

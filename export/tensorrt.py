@@ -2,26 +2,32 @@
 
 Written against TensorRT's documented Python API (8.6 to 10.x) and NOT run on the machine this
 was written on (TensorRT cannot be installed there; see docs/export.md). `tensorrt` is imported
-lazily: without it, `build_engine` raises `TensorRTUnavailable` naming the extra to install.
+lazily: without it, `build_engine` raises `TensorRTUnavailable` naming the extra to install; TensorRT
+11 and newer are refused the same way (they removed the weakly-typed builder flags used here).
 
 The build: parse the bundle's ONNX model (fp32 for fp32/fp16 targets; the calibrated QDQ model for
 int8 targets, or fp32 plus an entropy calibrator and its cache with `int8_mode: entropy`), one
-optimisation profile per input size over the target's batch range, the workspace limit, a timing
-cache persisted across builds, LayerNorm (INormalizationLayer) and Softmax layers pinned to fp32
-with OBEY_PRECISION_CONSTRAINTS, DLA and hardware/version compatibility as the target says. The
+optimisation profile per input size over the target's batch range (a fixed batch on DLA), a separate
+static batch-1 calibration profile for entropy calibration, the workspace limit, a timing cache
+persisted across builds (keyed by GPU, compute capability, TensorRT and CUDA version), LayerNorm
+(INormalizationLayer) and Softmax layers pinned to fp32 with OBEY_PRECISION_CONSTRAINTS, DLA and
+hardware/version compatibility as the target says. The
 engine is then gated against torch fp32 on the GPU with the ONNX thresholds of its precision and
 written into the bundle with an `EngineArtifact` (TensorRT version, GPU, compute capability,
 hardware-compatibility level) under `manifest["artifacts"]["engines"]`.
 
 Pure helpers (no tensorrt needed, tested everywhere): `trtexec_command`, `fp32_layer_names`,
-`engine_file_name`, `default_timing_cache`.
+`engine_file_name`, `default_timing_cache`, `profile_shapes`, `calibration_shapes`,
+`tensorrt_version_refusal`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,12 +43,18 @@ from cotap.core.artifacts import (
     replace_record,
 )
 from cotap.core.bundle import add_files, read_bundle, sha256_file
-from cotap.core.engine_compat import DeviceFacts, parse_compute_capability, parse_version
+from cotap.core.engine_compat import (
+    DeviceFacts,
+    deserialize_plan,
+    parse_compute_capability,
+    parse_version,
+    set_engine_input_shape,
+)
 from cotap.core.version import install_hint
 from cotap.export.fixtures import check_sizes, fixture_images, folder_images, preprocess_batch
 from cotap.export.gate import THRESHOLDS, GateError, GateReport, compare_outputs, torch_outputs
 from cotap.export.quantize import FP32_OPS
-from cotap.export.targets import Target
+from cotap.export.targets import Target, dla_batch_refusal
 
 GPU_EXTRA_HINT = install_hint("gpu")
 HW_LEVEL_TRTEXEC = {
@@ -50,14 +62,33 @@ HW_LEVEL_TRTEXEC = {
     "ampere_plus": "ampere+",
     "same_compute_capability": "sameComputeCapability",
 }
+NEWEST_TENSORRT_MAJOR = 10  # TensorRT 11 removed the weakly-typed builder flags (FP16, INT8) set here
+CALIBRATION_BATCH = 1  # images per IInt8EntropyCalibrator2.get_batch, and the calibration profile's batch
+Shape = tuple[int, int, int, int]
 
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT (or a CUDA GPU) is missing on this machine."""
 
 
+def tensorrt_version_refusal(version: str) -> str | None:
+    """Why this module cannot build with TensorRT `version` (None when it can).
+
+    The builder sets the weakly-typed precision flags (`BuilderFlag.FP16`/`INT8`, the implicit
+    int8 calibrator), which TensorRT 11 removed; the `gpu` extra pins `tensorrt>=10.0,<11`."""
+    major = parse_version(version)[0]
+    if major <= NEWEST_TENSORRT_MAJOR:
+        return None
+    return (
+        f"TensorRT {version} is installed, and cotap builds engines with the TensorRT "
+        f"{NEWEST_TENSORRT_MAJOR} API (TensorRT 11 removed the weakly-typed FP16/INT8 builder flags it "
+        f"uses). Install TensorRT {NEWEST_TENSORRT_MAJOR}: {GPU_EXTRA_HINT}, which pins "
+        f"tensorrt>={NEWEST_TENSORRT_MAJOR}.0,<{NEWEST_TENSORRT_MAJOR + 1}"
+    )
+
+
 def import_tensorrt() -> Any:
-    """`import tensorrt`, or `TensorRTUnavailable` saying how to get it."""
+    """`import tensorrt`, or `TensorRTUnavailable` saying how to get it (also for TensorRT 11+)."""
     try:
         import tensorrt as trt
     except ImportError as e:  # ModuleNotFoundError, or missing libnvinfer*.so
@@ -66,6 +97,9 @@ def import_tensorrt() -> Any:
             f"{GPU_EXTRA_HINT} (on Jetson, TensorRT comes with JetPack). Without it, use the ONNX model "
             "with onnxruntime, or run the build.sh written by `cotap export batch` on the device."
         ) from e
+    refusal = tensorrt_version_refusal(str(trt.__version__))
+    if refusal is not None:
+        raise TensorRTUnavailable(refusal)
     return trt
 
 
@@ -91,6 +125,11 @@ def build_refusal(target: Target, facts: DeviceFacts | None) -> str | None:
     """Why this machine cannot build `target`'s engine (None when it can)."""
     if facts is None:
         return "TensorRT or a CUDA GPU is missing here"
+    if facts.integrated and target.hardware_compatibility != "none":
+        return (
+            f"hardware compatibility {target.hardware_compatibility!r} is not supported on Jetson/DRIVE "
+            f"({facts.gpu_name}); build with hardware_compatibility: none"
+        )
     here_cc = parse_compute_capability(facts.compute_capability)
     want_cc = parse_compute_capability(target.compute_capability)
     if target.hardware_compatibility == "ampere_plus":
@@ -111,10 +150,23 @@ def engine_file_name(target: Target) -> str:
     return f"engines/{target.name}/model.plan"
 
 
-def default_timing_cache(facts: DeviceFacts) -> Path:
-    """A per-GPU-architecture, per-TensorRT-version timing cache that outlives bundles and builds."""
+def cuda_version() -> str:
+    """The CUDA runtime version of this process as torch reports it ("12.4"), or "none"."""
+    try:
+        import torch
+    except ImportError:
+        return "none"
+    return str(torch.version.cuda or "none")
+
+
+def default_timing_cache(facts: DeviceFacts, cuda: str) -> Path:
+    """A timing cache that outlives bundles and builds, one per GPU model, compute capability,
+    TensorRT version and CUDA version (`cuda`): the tactic timings it holds are only valid for that
+    combination, and TensorRT refuses (`set_timing_cache` returns False) one from another."""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cotap" / "tensorrt"
-    return root / f"timing-sm{facts.compute_capability.replace('.', '')}-trt{facts.tensorrt_version}.cache"
+    gpu = re.sub(r"[^a-z0-9]+", "-", facts.gpu_name.lower()).strip("-") or "gpu"
+    cc = facts.compute_capability.replace(".", "")
+    return root / f"timing-{gpu}-sm{cc}-trt{facts.tensorrt_version}-cuda{cuda}.cache"
 
 
 def fp32_layer_names(onnx_path: str | os.PathLike[str], op_types: Sequence[str] = FP32_OPS) -> list[str]:
@@ -123,6 +175,25 @@ def fp32_layer_names(onnx_path: str | os.PathLike[str], op_types: Sequence[str] 
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     return [n.name for n in model.graph.node if n.op_type in op_types and n.name]
+
+
+def profile_shapes(target: Target, size: tuple[int, int]) -> tuple[Shape, Shape, Shape]:
+    """(min, opt, max) input shapes of the optimisation profile serving `size` (H, W): the
+    target's batch range at that size (on DLA a fixed batch: `Target` validation refuses others)."""
+    h, w = size
+    return (
+        (target.min_batch, 3, h, w),
+        (target.opt_batch, 3, h, w),
+        (target.max_batch, 3, h, w),
+    )
+
+
+def calibration_shapes(size: tuple[int, int]) -> tuple[Shape, Shape, Shape]:
+    """(min, opt, max) of the int8 entropy calibration profile: static, `CALIBRATION_BATCH` images
+    of `size`. TensorRT calibrates at the calibration profile's opt shape, so its batch must be the
+    number of images the calibrator's `get_batch` hands over per call."""
+    shape = (CALIBRATION_BATCH, 3, size[0], size[1])
+    return shape, shape, shape
 
 
 def source_precision(target: Target) -> str:
@@ -146,13 +217,14 @@ def trtexec_command(
     """
     cmd = ["trtexec", f"--onnx={onnx}", f"--saveEngine={engine}"]
     multi = len(sizes) > 1
-    for i, (h, w) in enumerate(sizes):
+    for i, size in enumerate(sizes):
         if multi:
             cmd.append(f"--profile={i}")
+        low, opt, high = ("x".join(str(d) for d in shape) for shape in profile_shapes(target, size))
         cmd += [
-            f"--minShapes={INPUT_NAME}:{target.min_batch}x3x{h}x{w}",
-            f"--optShapes={INPUT_NAME}:{target.opt_batch}x3x{h}x{w}",
-            f"--maxShapes={INPUT_NAME}:{target.max_batch}x3x{h}x{w}",
+            f"--minShapes={INPUT_NAME}:{low}",
+            f"--optShapes={INPUT_NAME}:{opt}",
+            f"--maxShapes={INPUT_NAME}:{high}",
         ]
     if target.precision in ("fp16", "int8"):
         cmd.append("--fp16")
@@ -214,24 +286,27 @@ def _ensure_onnx(
 
 
 def _entropy_calibrator(trt: Any, images: np.ndarray, cache: Path) -> Any:
-    """An IInt8EntropyCalibrator2 over preprocessed images (N, 3, H, W), one per batch, cached."""
-    import torch
+    """An IInt8EntropyCalibrator2 over preprocessed images (N, 3, H, W), `CALIBRATION_BATCH` per
+    batch (the batch of the calibration profile, `calibration_shapes`), cached."""
 
     class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.images = images
             self.index = 0
-            self.device: torch.Tensor | None = None
+            self.device: Any = None  # the torch CUDA tensor of the batch TensorRT is reading
 
         def get_batch_size(self) -> int:
-            return 1
+            return CALIBRATION_BATCH
 
         def get_batch(self, names: list[str]) -> list[int] | None:
-            if self.index >= len(self.images):
+            import torch
+
+            batch = self.images[self.index : self.index + CALIBRATION_BATCH]
+            if len(batch) < CALIBRATION_BATCH:  # a short last batch would not match the profile
                 return None
-            self.device = torch.from_numpy(self.images[self.index : self.index + 1]).cuda().contiguous()
-            self.index += 1
+            self.device = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
+            self.index += CALIBRATION_BATCH
             return [int(self.device.data_ptr())]
 
         def read_calibration_cache(self) -> bytes | None:
@@ -272,6 +347,43 @@ def _progress_monitor(trt: Any, enabled: bool) -> Any | None:
     return Monitor()
 
 
+def _hardware_level(trt: Any, level: str) -> Any | None:
+    """The `trt.HardwareCompatibilityLevel` member for a target's level (None for "none"), or a
+    clear error when this TensorRT lacks it (SAME_COMPUTE_CAPABILITY came in a later 10.x)."""
+    if level == "none":
+        return None
+    member = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}[level]
+    levels = getattr(trt, "HardwareCompatibilityLevel", None)
+    if levels is None or not hasattr(levels, member):
+        raise RuntimeError(
+            f"this TensorRT ({trt.__version__}) has no HardwareCompatibilityLevel.{member}: build the "
+            f"target with hardware_compatibility: none, or with a newer TensorRT 10 release"
+        )
+    return getattr(levels, member)
+
+
+def _load_timing_cache(config: Any, path: Path) -> None:
+    """Give the builder the timing cache at `path` (an empty one when there is none). A cache that
+    TensorRT cannot read or refuses as made elsewhere (`set_timing_cache` returns False) is
+    skipped with a warning: the build starts from an empty cache and its own cache replaces it."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = None
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception as e:  # a truncated or corrupt file
+        warnings.warn(f"timing cache {path} is unreadable ({e}); building without it", stacklevel=3)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    if cache is not None:
+        warnings.warn(
+            f"timing cache {path} was made on another GPU, TensorRT or CUDA version and was refused; "
+            "building without it (this build's cache replaces it)",
+            stacklevel=3,
+        )
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused an empty timing cache")
+
+
 def _serialize(
     trt: Any,
     onnx_path: Path,
@@ -281,7 +393,15 @@ def _serialize(
     calibrator: Any | None,
     progress: bool,
 ) -> tuple[bytes, int]:
-    """Build the serialized engine; returns (plan bytes, number of layers pinned to fp32)."""
+    """Build the serialized engine; returns (plan bytes, number of layers pinned to fp32).
+
+    Profile i serves sizes[i] (the server and `EngineRunner` select it by that order). With an
+    entropy calibrator, calibration runs on its own static profile (`calibration_shapes`) at
+    sizes[0], whose batch is the calibrator's."""
+    dla = dla_batch_refusal(target)
+    if dla is not None:
+        raise ValueError(f"target {target.name!r}: {dla}")
+    hardware_level = _hardware_level(trt, target.hardware_compatibility)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -294,17 +414,10 @@ def _serialize(
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: " + "; ".join(errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, target.workspace_mb << 20)
-    profiles = []
-    for h, w in sizes:
+    for size in sizes:
         profile = builder.create_optimization_profile()
-        profile.set_shape(
-            INPUT_NAME,
-            (target.min_batch, 3, h, w),
-            (target.opt_batch, 3, h, w),
-            (target.max_batch, 3, h, w),
-        )
+        profile.set_shape(INPUT_NAME, *profile_shapes(target, size))
         config.add_optimization_profile(profile)
-        profiles.append(profile)
     pinned = 0
     if target.precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
@@ -321,23 +434,23 @@ def _serialize(
         config.set_flag(trt.BuilderFlag.INT8)
         if calibrator is not None:
             config.int8_calibrator = calibrator
-            config.set_calibration_profile(profiles[0])
+            calibration = builder.create_optimization_profile()
+            calibration.set_shape(INPUT_NAME, *calibration_shapes(sizes[0]))
+            if config.set_calibration_profile(calibration) is False:
+                raise RuntimeError("TensorRT refused the int8 calibration profile")
     if target.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = target.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    if target.hardware_compatibility == "ampere_plus":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    elif target.hardware_compatibility == "same_compute_capability":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+    if hardware_level is not None:
+        config.hardware_compatibility_level = hardware_level
     if target.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     config.builder_optimization_level = target.builder_optimization_level
     monitor = _progress_monitor(trt, progress)
     if monitor is not None:
         config.progress_monitor = monitor
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _load_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(
@@ -351,16 +464,25 @@ def _serialize(
 class EngineRunner:
     """Runs a serialized engine on torch CUDA tensors through the I/O tensor API (TensorRT 8.5+)."""
 
-    def __init__(self, plan: bytes, sizes: Sequence[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        plan: bytes,
+        sizes: Sequence[tuple[int, int]],
+        *,
+        batch: tuple[int, int] = (1, 1 << 30),
+        version_compatible: bool = False,
+    ) -> None:
+        """`sizes`: profile i serves sizes[i]; `batch`: the profiles' (min, max) batch, for messages."""
         import torch
 
         trt = import_tensorrt()
         self.trt, self.torch = trt, torch
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        self.engine = deserialize_plan(trt, plan, version_compatible)
         if self.engine is None:
             raise RuntimeError("TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
         self.sizes = [tuple(s) for s in sizes]  # profile i serves sizes[i]
+        self.batch = batch
         self.stream = torch.cuda.Stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -372,9 +494,10 @@ class EngineRunner:
         h, w = images.shape[-2:]
         profile = self.sizes.index((h, w))
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
+        self.stream.wait_stream(torch.cuda.current_stream())  # the input copy is done first
         with torch.cuda.stream(self.stream):
             self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
-            self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+            set_engine_input_shape(self.context, tuple(x.shape), profile, self.batch)
             self.context.set_tensor_address(INPUT_NAME, int(x.data_ptr()))
             outs = {}
             for name in OUTPUT_NAMES:
@@ -415,7 +538,7 @@ def build_engine(
         bundle.path, target, sizes, None if calibration is None else str(calibration), force
     )
     onnx_path = bundle.path / source.file
-    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(facts)
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(facts, cuda_version())
     name = engine_file_name(target)
     with tempfile.TemporaryDirectory(prefix=".cotap-trt-") as tmp:
         calib_cache = Path(tmp) / "calibration.cache"
@@ -479,7 +602,12 @@ def _gate_engine(
 
     bundle = read_bundle(bundle_dir)
     model = load_model(bundle_dir).model.float().eval()
-    runner = EngineRunner(plan, sizes)
+    runner = EngineRunner(
+        plan,
+        sizes,
+        batch=(target.min_batch, target.max_batch),
+        version_compatible=target.version_compatible,
+    )
     images = fixture_images(count=fixture_count)
     thresholds = THRESHOLDS[target.precision]
     reports = []

@@ -4,7 +4,8 @@ Layout (Triton's "model repository", also what KServe's Triton runtime serves)::
 
     REPO/<name>/config.pbtxt        platform onnxruntime_onnx, dynamic batching, dims, instance groups
     REPO/<name>/1/model.onnx        the bundle's ONNX model of the chosen precision
-    REPO/<name>_trt/config.pbtxt    platform tensorrt_plan, one plan per compute capability
+    REPO/<name>_trt/config.pbtxt    platform tensorrt_plan, one plan per compute capability, KIND_GPU,
+                                    one instance group holding every optimisation profile
     REPO/<name>_trt/1/<target>.plan (only when the bundle has engines)
     REPO/cotap-repository.json      which bundle, files and hashes this was made from
 
@@ -21,7 +22,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cotap.core.artifacts import INPUT_NAME, engine_artifacts, onnx_artifacts, serving_onnx, sizes_text
+from cotap.core.artifacts import (
+    INPUT_NAME,
+    EngineArtifact,
+    engine_artifacts,
+    onnx_artifacts,
+    serving_onnx,
+    sizes_text,
+)
 from cotap.core.bundle import read_bundle, sha256_file
 
 KINDS = ("KIND_GPU", "KIND_CPU")
@@ -68,6 +76,8 @@ def config_pbtxt(
     """The text-format `ModelConfig` for one model."""
     if options.kind not in KINDS:
         raise ValueError(f"instance kind must be one of {KINDS}")
+    if platform == "tensorrt_plan" and options.kind != "KIND_GPU":
+        raise ValueError(f"TensorRT plans run on GPUs only: instance kind KIND_GPU, not {options.kind}")
     if max_batch < 1 or options.instances < 1:
         raise ValueError("max batch and instance count must be at least 1")
     lines = [
@@ -97,17 +107,48 @@ def config_pbtxt(
         "}",
         "instance_group [",
     ]
-    if profiles > 1:  # a TensorRT plan with one optimisation profile per size: one group per profile
-        groups = [
-            f'  {{ count: {options.instances} kind: {options.kind} profile: [ "{i}" ] }}'
-            for i in range(profiles)
-        ]
-    else:
-        groups = [f"  {{ count: {options.instances} kind: {options.kind} }}"]
-    lines += [",\n".join(groups), "]"]
+    group = f"  {{ count: {options.instances} kind: {options.kind}"
+    if profiles > 1:  # a plan with one optimisation profile per size: every instance gets them all
+        group += " profile: [ " + ", ".join(f'"{i}"' for i in range(profiles)) + " ]"
+    lines += [group + " }", "]"]
     for key, value in sorted((parameters or {}).items()):
         lines.append(f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
+
+
+def plans_by_compute_capability(engines: Sequence[EngineArtifact], kind: str) -> dict[str, str]:
+    """{compute capability: plan file name} for the `tensorrt_plan` model, checked before anything
+    is written. Triton picks one plan per GPU by its compute capability (`cc_model_filenames`), so
+    two engines for one compute capability are refused (one would be dropped silently); all share
+    the config's instance group, so their optimisation profile counts must agree; and TensorRT
+    plans run on GPUs only."""
+    if not engines:
+        return {}
+    if kind != "KIND_GPU":
+        raise ValueError(
+            f"the bundle has TensorRT engines, which Triton runs on GPUs only (instance kind KIND_GPU), "
+            f"not {kind}; export to Triton with --kind KIND_GPU, or from a copy of the bundle without engines"
+        )
+    by_cc: dict[str, str] = {}
+    targets: dict[str, str] = {}
+    for e in engines:
+        if e.compute_capability in targets:
+            raise ValueError(
+                f"engines of targets {targets[e.compute_capability]!r} and {e.target!r} are both for "
+                f"compute capability {e.compute_capability}; Triton loads one plan per compute capability "
+                "(cc_model_filenames): remove one from the bundle's manifest before exporting"
+            )
+        targets[e.compute_capability] = e.target
+        by_cc[e.compute_capability] = f"{e.target}.plan"
+    counts = {e.target: len(e.sizes) for e in engines}
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            "the engines' optimisation profile counts differ ("
+            + ", ".join(f"{t}: {n}" for t, n in counts.items())
+            + "); the tensorrt_plan model lists the same profiles for every plan, so build every "
+            "engine for the same input sizes"
+        )
+    return by_cc
 
 
 def export_triton(
@@ -122,6 +163,8 @@ def export_triton(
     all its declared sizes (`serving_onnx`, as the server; `cotap export onnx`), or
     `export_missing=True` to export one first."""
     bundle = read_bundle(bundle_dir)
+    engines = engine_artifacts(bundle)
+    by_cc = plans_by_compute_capability(engines, options.kind)  # refused before anything is written
     record = serving_onnx(bundle).get(options.precision)
     if record is None:
         if not export_missing:
@@ -168,16 +211,13 @@ def export_triton(
     written.append(name)
     files[f"{name}/1/model.onnx"] = record.sha256
 
-    engines = engine_artifacts(bundle)
     if engines:
         trt_name = f"{name}_trt"
         trt_dir = repo / trt_name
         (trt_dir / "1").mkdir(parents=True)
-        by_cc: dict[str, str] = {}
         for e in engines:
-            fn = f"{e.target}.plan"
+            fn = by_cc[e.compute_capability]
             shutil.copyfile(bundle.file(e.file), trt_dir / "1" / fn)
-            by_cc.setdefault(e.compute_capability, fn)
             files[f"{trt_name}/1/{fn}"] = e.sha256
         sizes = sorted({s for e in engines for s in e.sizes})
         trt_dims = io_dims(sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)

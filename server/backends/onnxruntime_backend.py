@@ -7,6 +7,11 @@ cast of the answer, which ONNX Runtime's vectorised Cast does about 20x faster (
 when torch with CUDA is installed, inputs and outputs are bound to torch tensors on the GPU (I/O
 binding) and post-processing runs there in torch (`TorchOps`): only the answer is copied to the
 host. Without torch it falls back to NumPy on the host, and says so in the backend's warnings.
+
+The TensorRT execution provider gets an explicit optimisation profile for `images` covering every
+size and batch the model serves (`tensorrt_profile_options`), so it builds its engine once (and
+caches it under `~/.cache/cotap/ort-trt`, created before the session) instead of rebuilding it for
+each new input shape.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from cotap.server.backends.base import Backend, BackendError, BackendOptions, Nu
 from cotap.server.backends.half_cast import HalfCast
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_TRT_EP = "TensorrtExecutionProvider"
+TRT_EP_OPT_BATCH = 8  # the batch the TensorRT EP tunes for (capped by the model's max batch)
 
 
 def _import_ort() -> Any:
@@ -87,14 +94,61 @@ def choose_providers(ort: Any, device: str) -> tuple[list[Any], bool]:
             f"(available: {sorted(available)}); replace onnxruntime with onnxruntime-gpu "
             "(`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`) or use --device cpu"
         )
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cotap" / "ort-trt"
     providers: list[Any] = []
     for p in gpu:
         opts: dict[str, Any] = {"device_id": index}
-        if p == "TensorrtExecutionProvider":
+        if p == _TRT_EP:
+            cache = trt_engine_cache_dir()
             opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
         providers.append((p, opts))
     return [*providers, "CPUExecutionProvider"], True
+
+
+def trt_engine_cache_dir() -> Path:
+    """The TensorRT EP's engine cache directory, created (with its parents) here: ONNX Runtime
+    creates only the last component, and fails when `~/.cache/cotap` does not exist yet."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cotap" / "ort-trt"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackendError(
+            f"cannot create the TensorRT execution provider's engine cache {cache} ({e}); set "
+            "XDG_CACHE_HOME to a writable directory"
+        ) from e
+    return cache
+
+
+def tensorrt_profile_options(record: OnnxArtifact) -> dict[str, str]:
+    """TensorRT EP options giving `images` one explicit optimisation profile that covers every size
+    and batch the model serves: min 1 x 3 x smallest H x smallest W, max max_batch x 3 x largest H
+    x largest W, opt at the record's first size and `TRT_EP_OPT_BATCH`. Without them the EP builds
+    its engine for the first input shape and rebuilds it whenever a later shape falls outside.
+    One profile, not one per size: the EP builds several profiles per input when given them, but
+    its execution context stays on profile 0, so inputs of the other profiles fail (runtime
+    switching is proposed in microsoft/onnxruntime pull request 31624)."""
+    hs = [h for h, _ in record.sizes]
+    ws = [w for _, w in record.sizes]
+    max_batch = max(1, record.max_batch)
+    opt_h, opt_w = record.sizes[0]
+
+    def shape(b: int, h: int, w: int) -> str:
+        return f"{INPUT_NAME}:{b}x3x{h}x{w}"
+
+    return {
+        "trt_profile_min_shapes": shape(1, min(hs), min(ws)),
+        "trt_profile_opt_shapes": shape(min(TRT_EP_OPT_BATCH, max_batch), opt_h, opt_w),
+        "trt_profile_max_shapes": shape(max_batch, max(hs), max(ws)),
+    }
+
+
+def with_tensorrt_profile(providers: list[Any], record: OnnxArtifact) -> list[Any]:
+    """`providers` with the TensorRT EP's options extended by `tensorrt_profile_options(record)`."""
+    out: list[Any] = []
+    for p in providers:
+        if isinstance(p, tuple) and p[0] == _TRT_EP:
+            p = (p[0], {**p[1], **tensorrt_profile_options(record)})
+        out.append(p)
+    return out
 
 
 class OnnxRuntimeBackend(Backend):
@@ -107,6 +161,7 @@ class OnnxRuntimeBackend(Backend):
         ort = _import_ort()
         providers, want_gpu = choose_providers(ort, options.device)
         record = choose_artifact(bundle, options.precision, want_gpu)
+        providers = with_tensorrt_profile(providers, record)
         if record.forced:
             # the exporter wrote it although its accuracy gate failed: serve it, but say so
             self.warnings.append(f"{record.file} was exported with --force: its accuracy gate failed")

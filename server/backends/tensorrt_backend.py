@@ -4,18 +4,29 @@ An engine only runs on the GPU and TensorRT version it was built for, so every r
 against this machine first (`cotap.core.engine_compat`) and a mismatch is refused with what to
 rebuild. `tensorrt` is imported lazily (an optional GPU extra); I/O buffers are torch CUDA tensors
 and post-processing runs in torch on the same GPU.
+
+An engine carries one optimisation profile per input size, in the order of its record's `sizes`
+(the exporter builds them so); `forward` selects the profile of the batch's (H, W), pads batches
+smaller than the record's `min_batch`, and runs on the backend's own CUDA stream, ordered after the
+input copy and before whatever the caller's stream does with the outputs.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineArtifact, engine_artifacts
 from cotap.core.bundle import Bundle
-from cotap.core.engine_compat import DeviceFacts, engine_compatibility
+from cotap.core.engine_compat import (
+    DeviceFacts,
+    deserialize_plan,
+    engine_compatibility,
+    set_engine_input_shape,
+)
 from cotap.server.backends.base import Backend, BackendError, BackendOptions, cuda_index
 
 
@@ -101,6 +112,51 @@ def usable_engine(
     )
 
 
+def profile_for(sizes: Sequence[tuple[int, int]], h: int, w: int) -> int:
+    """The optimisation profile serving input size (h, w): its index in the record's `sizes`."""
+    try:
+        return list(sizes).index((h, w))
+    except ValueError:
+        raise BackendError(
+            f"the TensorRT engine has no optimisation profile for input size {h}x{w} (it serves "
+            + ", ".join(f"{a}x{b}" for a, b in sizes)
+            + ")"
+        ) from None
+
+
+def pad_batch(images: np.ndarray, min_batch: int) -> np.ndarray:
+    """`images` with its last image repeated up to `min_batch` (profiles start at min_batch); the
+    caller keeps the first len(images) rows of each output."""
+    if len(images) >= min_batch:
+        return images
+    return np.concatenate([images, np.repeat(images[-1:], min_batch - len(images), axis=0)])
+
+
+class ProfileBinding:
+    """Which profile an execution context has selected, and the input shape set on it.
+
+    TensorRT uses profile 0 until told otherwise, so every other size needs
+    `set_optimization_profile_async` (enqueued on the stream that runs the engine) before its
+    shape is set; `set_input_shape` returns False for a shape outside the profile, which is an
+    error here rather than a silent wrong-shaped run."""
+
+    def __init__(self, context: Any, sizes: Sequence[tuple[int, int]], batch: tuple[int, int]) -> None:
+        self.context = context
+        self.sizes = [(int(h), int(w)) for h, w in sizes]
+        self.batch = batch  # (min, max) of every profile
+        self.active = 0  # a fresh context runs profile 0
+
+    def bind(self, shape: tuple[int, ...], stream_handle: int) -> int:
+        """Select the profile of `shape` (B, 3, H, W) and set the input shape; returns the profile."""
+        profile = profile_for(self.sizes, int(shape[2]), int(shape[3]))
+        if profile != self.active:
+            if not self.context.set_optimization_profile_async(profile, stream_handle):
+                raise RuntimeError(f"TensorRT could not select optimisation profile {profile}")
+            self.active = profile
+        set_engine_input_shape(self.context, tuple(shape), profile, self.batch)
+        return profile
+
+
 class TensorRTBackend(Backend):
     kind = "tensorrt"
 
@@ -124,8 +180,8 @@ class TensorRTBackend(Backend):
         self._dev = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         self.device = str(self._dev)
         with torch.cuda.device(self._dev):  # TensorRT works on the current CUDA device
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            engine = runtime.deserialize_cuda_engine(bundle.file(record.file).read_bytes())
+            compatible = bool((record.extra or {}).get("version_compatible", False))
+            engine = deserialize_plan(trt, bundle.file(record.file).read_bytes(), compatible)
             if engine is None:
                 raise BackendError(
                     f"TensorRT could not deserialise {record.file}; rebuild it on this machine with "
@@ -133,26 +189,32 @@ class TensorRTBackend(Backend):
                 )
             self._engine = engine
             self._context = engine.create_execution_context()
+            self._stream = torch.cuda.Stream(self._dev)  # the engine's own stream, not the default one
+        self._profiles = ProfileBinding(self._context, record.sizes, (record.min_batch, record.max_batch))
         self._lock = threading.Lock()  # one execution context, used by one thread at a time
         self.ops = TorchOps(self._dev)
 
     def forward(self, images: np.ndarray) -> dict[str, Any]:
         torch = self._torch
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self._dev)  # (B, 3, H, W)
+        n = len(images)
+        padded = pad_batch(np.ascontiguousarray(images, dtype=np.float32), self.record.min_batch)
         with self._lock, torch.cuda.device(self._dev):
-            ctx = self._context
-            ctx.set_input_shape(INPUT_NAME, tuple(x.shape))
-            ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
+            caller = torch.cuda.current_stream(self._dev)
+            x = torch.from_numpy(padded).to(self._dev)  # (B, 3, H, W), copied on the caller's stream
             outs = {}
-            for name in OUTPUT_NAMES:
+            ctx, stream = self._context, self._stream
+            self._profiles.bind(tuple(x.shape), stream.cuda_stream)
+            ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
+            for name in OUTPUT_NAMES:  # allocated on the caller's stream, which consumes them
                 t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=torch.float32, device=self._dev)
                 ctx.set_tensor_address(name, t.data_ptr())
                 outs[name] = t
-            stream = torch.cuda.current_stream(self._dev)
+            stream.wait_stream(caller)  # the input copy and the output allocations come first
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
-            stream.synchronize()
-        return outs
+            caller.wait_stream(stream)  # work the caller queues on its stream reads finished outputs
+            stream.synchronize()  # and the context is idle before the next forward rebinds it
+        return {k: v[:n] for k, v in outs.items()} if len(padded) > n else outs
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

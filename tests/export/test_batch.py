@@ -36,6 +36,7 @@ targets:
     precision: int8
     sizes: ["24x40"]
     dla_core: 0
+    batch: {min: 2, opt: 2, max: 2}
   l4:
     gpu: NVIDIA L4
     family: datacenter
@@ -107,6 +108,12 @@ def test_batch_of_three_targets(
         assert flag in script, flag
     orin_script = (out / "orin" / "build.sh").read_text()
     assert "--int8" in orin_script and "--useDLACore=0" in orin_script and "--allowGPUFallback" in orin_script
+    for flag in (
+        "--minShapes=images:2x3x24x40",
+        "--optShapes=images:2x3x24x40",
+        "--maxShapes=images:2x3x24x40",
+    ):
+        assert flag in orin_script, flag  # DLA: one fixed batch
     l4_script = (out / "l4" / "build.sh").read_text()
     assert "--hardwareCompatibilityLevel=ampere+" in l4_script and "--profile=1" in l4_script
     subprocess.run(["bash", "-n", str(out / "l4" / "build.sh")], check=True)  # valid shell

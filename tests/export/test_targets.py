@@ -28,7 +28,8 @@ def test_shipped_targets_cover_edge_and_datacentre() -> None:
     nano = targets["orin-nano"]
     assert (nano.compute_capability, nano.jetpack, nano.sizes) == ("8.7", "6.1", ((224, 224),))
     assert (nano.min_batch, nano.opt_batch, nano.max_batch, nano.workspace_mb) == (1, 2, 4, 1024)
-    assert targets["agx-orin-dla"].dla_core == 0
+    dla = targets["agx-orin-dla"]
+    assert dla.dla_core == 0 and dla.min_batch == dla.opt_batch == dla.max_batch  # DLA: static shapes
     assert targets["l4-h100"].hardware_compatibility == "ampere_plus"
     assert targets["agx-orin"].precision == "int8" and targets["t4"].sizes is None
 
@@ -60,6 +61,35 @@ def test_bad_targets_are_refused(tmp_path: Path, extra: str, message: str) -> No
     with pytest.raises(TargetError, match=message) as err:
         load_targets(p)
     assert "'x'" in str(err.value)
+
+
+JETSON = """
+targets:
+  x:
+    gpu: Jetson AGX Orin
+    family: jetson
+    compute_capability: "8.7"
+    tensorrt: "10.3"
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("    hardware_compatibility: same_compute_capability\n", "not supported on Jetson"),
+        ("    hardware_compatibility: ampere_plus\n", "not supported on Jetson"),
+        ("    dla_core: 0\n    batch: {min: 1, opt: 1, max: 4}\n", r"DLA engines need a fixed batch.*1/1/4"),
+        ("    dla_core: 0\n", "DLA engines need a fixed batch"),  # the default batch 1/8/32
+    ],
+)
+def test_bad_jetson_targets_are_refused(tmp_path: Path, extra: str, message: str) -> None:
+    p = tmp_path / "t.yaml"
+    p.write_text(JETSON + extra)
+    with pytest.raises(TargetError, match=message) as err:
+        load_targets(p)
+    assert "'x'" in str(err.value)
+    p.write_text(JETSON + "    dla_core: 1\n    batch: {min: 4, opt: 4, max: 4}\n")
+    assert load_targets(p)["x"].max_batch == 4
 
 
 def test_malformed_files_are_refused(tmp_path: Path) -> None:

@@ -1,10 +1,15 @@
-"""TensorRT: what runs everywhere (refusals, trtexec lines, layer names) and, marked `trt`, a real
-build on a GPU with TensorRT (skipped here: TensorRT cannot be installed on this machine)."""
+"""TensorRT: what runs everywhere (refusals, trtexec lines, layer names, and the builder's calls
+recorded on a fake `tensorrt` module) and, marked `trt`, a real build on a GPU with TensorRT
+(skipped here: TensorRT cannot be installed on this machine)."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
+import types
+import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,15 +18,26 @@ import torch
 from cotap.cli.main import main
 from cotap.core.artifacts import engine_artifacts
 from cotap.core.bundle import Bundle, read_bundle
-from cotap.core.engine_compat import DeviceFacts, check_engine_compatible
+from cotap.core.engine_compat import (
+    DeviceFacts,
+    check_engine_compatible,
+    deserialize_plan,
+    set_engine_input_shape,
+)
 from cotap.export.onnx import export_onnx
 from cotap.export.targets import Target
 from cotap.export.tensorrt import (
+    CALIBRATION_BATCH,
     EngineRunner,
     TensorRTUnavailable,
+    _entropy_calibrator,
+    _serialize,
     build_engine,
     build_refusal,
+    calibration_shapes,
+    default_timing_cache,
     fp32_layer_names,
+    import_tensorrt,
     local_device_facts,
     trtexec_command,
 )
@@ -110,3 +126,267 @@ def test_build_engine_on_this_gpu(tiny_bundle: Bundle, tmp_path: Path) -> None:
     with torch.no_grad():
         ref = load_model(bundle.path).model.forward_features(torch.from_numpy(x))
     np.testing.assert_allclose(got["patch"], ref["patch"].numpy(), atol=5e-2)
+
+
+# -- the builder's calls, recorded on a fake `tensorrt` module (TensorRT cannot be installed here) --
+class _Flags:
+    """An enum stand-in: every attribute asked for is its own name."""
+
+    def __init__(self, *names: str) -> None:
+        for n in names:
+            setattr(self, n, n)
+
+
+class FakeProfile:
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[Any, Any, Any]] = {}
+
+    def set_shape(self, name: str, low: Any, opt: Any, high: Any) -> None:
+        self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
+
+
+class FakeTimingCache:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def serialize(self) -> bytes:
+        return self.data or b"fresh timings"
+
+
+class FakeConfig:
+    def __init__(self, accept_timing_cache: bool) -> None:
+        self.accept = accept_timing_cache
+        self.flags: list[str] = []
+        self.profiles: list[FakeProfile] = []
+        self.calibration_profile: FakeProfile | None = None
+        self.int8_calibrator: Any = None
+        self.hardware_compatibility_level: Any = None
+        self.timing_cache: FakeTimingCache | None = None
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        self.workspace = size
+
+    def add_optimization_profile(self, profile: FakeProfile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.append(flag)
+
+    def set_calibration_profile(self, profile: FakeProfile) -> bool:
+        self.calibration_profile = profile
+        return True
+
+    def create_timing_cache(self, data: bytes) -> FakeTimingCache:
+        return FakeTimingCache(bytes(data))
+
+    def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if cache.data and not self.accept:  # made on another GPU/TensorRT/CUDA: refused
+            return False
+        self.timing_cache = cache
+        return True
+
+    def get_timing_cache(self) -> FakeTimingCache | None:
+        return self.timing_cache
+
+
+def fake_tensorrt(
+    version: str = "10.8.0.43", *, accept_timing_cache: bool = True, same_cc: bool = True
+) -> Any:
+    """A `tensorrt` stand-in with what `_serialize`, the calibrator and `deserialize_engine` call;
+    `trt.configs` and `trt.runtimes` keep what they were given."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version  # type: ignore[attr-defined]
+    trt.configs = []  # type: ignore[attr-defined]
+    trt.runtimes = []  # type: ignore[attr-defined]
+    levels = ["NONE", "AMPERE_PLUS"] + (["SAME_COMPUTE_CAPABILITY"] if same_cc else [])
+
+    class Logger:
+        WARNING = "WARNING"
+
+        def __init__(self, severity: str) -> None:
+            pass
+
+    class Layer:
+        def __init__(self, kind: str) -> None:
+            self.type, self.num_outputs, self.precision, self.outputs = kind, 1, None, {}
+
+        def set_output_type(self, i: int, dtype: str) -> None:
+            self.outputs[i] = dtype
+
+    class Network:
+        def __init__(self) -> None:
+            self.layers = [Layer("NORMALIZATION"), Layer("MATRIX_MULTIPLY"), Layer("SOFTMAX")]
+            self.num_layers = len(self.layers)
+
+        def get_layer(self, i: int) -> Layer:
+            return self.layers[i]
+
+    class Builder:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def create_network(self, flags: int) -> Network:
+            return Network()
+
+        def create_builder_config(self) -> FakeConfig:
+            config = FakeConfig(accept_timing_cache)
+            trt.configs.append(config)  # type: ignore[attr-defined]
+            return config
+
+        def create_optimization_profile(self) -> FakeProfile:
+            return FakeProfile()
+
+        def build_serialized_network(self, network: Network, config: FakeConfig) -> bytes:
+            return b"plan"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network: Network, logger: Logger) -> None:
+            pass
+
+        def parse_from_file(self, path: str) -> bool:
+            return True
+
+    class Runtime:
+        def __init__(self, logger: Logger) -> None:
+            self.engine_host_code_allowed = False
+            trt.runtimes.append(self)  # type: ignore[attr-defined]
+
+        def deserialize_cuda_engine(self, plan: bytes) -> Any:
+            self.host_code_when_deserialised = self.engine_host_code_allowed
+            return object()
+
+    class IInt8EntropyCalibrator2:
+        def __init__(self) -> None:
+            pass
+
+    for name, value in {
+        "Logger": Logger,
+        "Builder": Builder,
+        "OnnxParser": OnnxParser,
+        "Runtime": Runtime,
+        "IInt8EntropyCalibrator2": IInt8EntropyCalibrator2,
+        "MemoryPoolType": _Flags("WORKSPACE"),
+        "BuilderFlag": _Flags(
+            "FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "GPU_FALLBACK", "VERSION_COMPATIBLE"
+        ),
+        "LayerType": _Flags("NORMALIZATION", "SOFTMAX"),
+        "DeviceType": _Flags("GPU", "DLA"),
+        "HardwareCompatibilityLevel": _Flags(*levels),
+        "float32": "float32",
+    }.items():
+        setattr(trt, name, value)
+    return trt
+
+
+def serialize(
+    trt: Any, t: Target, tmp_path: Path, sizes: Any = ((32, 32), (24, 40)), calibrator: Any = None
+) -> FakeConfig:
+    _serialize(trt, tmp_path / "model.onnx", t, sizes, tmp_path / "timing.cache", calibrator, False)
+    config: FakeConfig = trt.configs[-1]
+    return config
+
+
+@pytest.mark.parametrize(("version", "refused"), [("10.8.0.43", False), ("11.0.0.7", True)])
+def test_tensorrt_11_is_refused(monkeypatch: pytest.MonkeyPatch, version: str, refused: bool) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version))
+    if not refused:
+        assert import_tensorrt().__version__ == version
+        return
+    with pytest.raises(TensorRTUnavailable, match=r"TensorRT 11\.0\.0\.7 is installed.*tensorrt>=10\.0,<11"):
+        import_tensorrt()
+
+
+def test_one_profile_per_size_and_a_static_calibration_profile(tmp_path: Path) -> None:
+    trt = fake_tensorrt()
+    t = target(precision="int8", int8_mode="entropy", min_batch=2, opt_batch=8, max_batch=16)
+    images = np.zeros((5, 3, 32, 32), np.float32)
+    calibrator = _entropy_calibrator(trt, images, tmp_path / "calibration.cache")
+    config = serialize(trt, t, tmp_path, calibrator=calibrator)
+    assert [p.shapes["images"] for p in config.profiles] == [  # profile i serves sizes[i]
+        ((2, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32)),
+        ((2, 3, 24, 40), (8, 3, 24, 40), (16, 3, 24, 40)),
+    ]
+    # TensorRT calibrates at the calibration profile's opt shape: its batch is what get_batch hands over
+    assert config.calibration_profile is not None and config.calibration_profile not in config.profiles
+    low, opt, high = config.calibration_profile.shapes["images"]
+    assert low == opt == high == (CALIBRATION_BATCH, 3, 32, 32) == calibration_shapes((32, 32))[1]
+    assert calibrator.get_batch_size() == CALIBRATION_BATCH == 1
+    assert config.int8_calibrator is calibrator and {"INT8", "FP16"} <= set(config.flags)
+
+
+def test_dla_needs_a_fixed_batch(tmp_path: Path) -> None:
+    dla = target(family="jetson", compute_capability="8.7", dla_core=0, min_batch=1, opt_batch=1, max_batch=4)
+    with pytest.raises(ValueError, match="fixed batch"):
+        serialize(fake_tensorrt(), dla, tmp_path)
+    fixed = target(
+        family="jetson", compute_capability="8.7", dla_core=0, min_batch=2, opt_batch=2, max_batch=2
+    )
+    config = serialize(fake_tensorrt(), fixed, tmp_path, sizes=((32, 32),))
+    low, opt, high = config.profiles[0].shapes["images"]
+    assert low == opt == high == (2, 3, 32, 32) and "GPU_FALLBACK" in config.flags
+
+
+def test_hardware_compatibility_levels(tmp_path: Path) -> None:
+    same_cc = target(hardware_compatibility="same_compute_capability")
+    assert (
+        serialize(fake_tensorrt(), same_cc, tmp_path).hardware_compatibility_level
+        == "SAME_COMPUTE_CAPABILITY"
+    )
+    with pytest.raises(
+        RuntimeError, match=r"\(10\.2\.0\.1\) has no HardwareCompatibilityLevel\.SAME_COMPUTE"
+    ):
+        serialize(fake_tensorrt("10.2.0.1", same_cc=False), same_cc, tmp_path)
+    assert serialize(fake_tensorrt(), target(), tmp_path).hardware_compatibility_level is None
+    orin = DeviceFacts("Orin", "8.7", "10.3.0.30", integrated=True)
+    jetson = target(
+        family="jetson",
+        compute_capability="8.7",
+        tensorrt="10.3",
+        hardware_compatibility="same_compute_capability",
+    )
+    assert "not supported on Jetson" in str(build_refusal(jetson, orin))
+    assert build_refusal(target(family="jetson", compute_capability="8.7", tensorrt="10.3"), orin) is None
+
+
+def test_a_refused_timing_cache_is_replaced_with_a_warning(tmp_path: Path) -> None:
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"timings from another GPU")
+    with pytest.warns(UserWarning, match="was refused; building without it"):
+        config = serialize(fake_tensorrt(accept_timing_cache=False), target(), tmp_path)
+    assert config.timing_cache is not None and config.timing_cache.data == b""  # built from an empty cache
+    assert cache.read_bytes() == b"fresh timings"  # this build's cache replaces the refused one
+    cache.write_bytes(b"timings from this GPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = serialize(fake_tensorrt(), target(), tmp_path)
+    assert config.timing_cache is not None and config.timing_cache.data == b"timings from this GPU"
+
+
+def test_timing_cache_key_names_gpu_and_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a10 = default_timing_cache(DeviceFacts("NVIDIA A10", "8.6", "10.8.0.43"), "12.4")
+    assert a10 == tmp_path / "cotap" / "tensorrt" / "timing-nvidia-a10-sm86-trt10.8.0.43-cuda12.4.cache"
+    a6000 = default_timing_cache(DeviceFacts("NVIDIA RTX A6000", "8.6", "10.8.0.43"), "12.4")
+    assert len({a10, a6000, default_timing_cache(DeviceFacts("NVIDIA A10", "8.6", "10.8.0.43"), "12.8")}) == 3
+
+
+def test_version_compatible_engines_allow_host_code() -> None:
+    trt = fake_tensorrt()
+    deserialize_plan(trt, b"plan", version_compatible=True)
+    deserialize_plan(trt, b"plan", version_compatible=False)
+    assert [r.host_code_when_deserialised for r in trt.runtimes] == [True, False]
+
+
+def test_a_refused_input_shape_is_an_error() -> None:
+    class Context:
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            return shape[0] <= 4
+
+    set_engine_input_shape(Context(), (4, 3, 32, 32), 0, (1, 4))
+    with pytest.raises(
+        RuntimeError, match=r"refused input shape \(5, 3, 32, 32\) for optimisation profile 1"
+    ):
+        set_engine_input_shape(Context(), (5, 3, 32, 32), 1, (1, 4))

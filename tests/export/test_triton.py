@@ -154,10 +154,76 @@ def test_two_sizes_and_engines_give_dynamic_dims_and_a_plan_model(
     trt_cfg = parse(repo / "feat_trt" / "config.pbtxt")
     assert trt_cfg.platform == "tensorrt_plan" and trt_cfg.max_batch_size == 8
     assert dict(trt_cfg.cc_model_filenames) == {"7.5": "t4.plan"}
-    assert [list(g.profile) for g in trt_cfg.instance_group] == [["0"], ["1"]]
+    # one group whose instances each hold every profile (one group per profile would give each
+    # instance a single size, and a request of the other size no instance)
+    assert [(g.count, g.kind, list(g.profile)) for g in trt_cfg.instance_group] == [(1, 1, ["0", "1"])]
     assert (repo / "feat_trt" / "1" / "t4.plan").read_bytes() == plan
     index = json.loads((repo / "cotap-repository.json").read_text())
     assert index["feat"]["models"] == ["feat", "feat_trt"]
+
+
+def engine_record(
+    target: str, cc: str, sizes: tuple[tuple[int, int], ...] = ((32, 32), (24, 40))
+) -> EngineArtifact:
+    plan = f"plan of {target}".encode()
+    return EngineArtifact(
+        file=f"engines/{target}/model.plan",
+        target=target,
+        precision="fp16",
+        sizes=sizes,
+        min_batch=1,
+        opt_batch=4,
+        max_batch=8,
+        tensorrt_version="10.8.0.43",
+        gpu_name="some GPU",
+        compute_capability=cc,
+        sha256=sha256_bytes(plan),
+    )
+
+
+def add_engines(bundle: Bundle, *records: EngineArtifact) -> None:
+    plans: dict[str, bytes] = {r.file: f"plan of {r.target}".encode() for r in records}
+    add_files(bundle.path, plans, artifacts={ENGINES_KEY: [r.to_dict() for r in records]})
+
+
+@pytest.mark.parametrize(
+    ("records", "kind", "message"),
+    [
+        (
+            (engine_record("a10", "8.6"), engine_record("a6000", "8.6")),
+            "KIND_GPU",
+            r"targets 'a10' and 'a6000' are both for compute capability 8\.6",
+        ),
+        (
+            (engine_record("t4", "7.5"), engine_record("l4", "8.9", ((32, 32),))),
+            "KIND_GPU",
+            r"profile counts differ \(t4: 2, l4: 1\)",
+        ),
+        ((engine_record("t4", "7.5"),), "KIND_CPU", "GPUs only .*KIND_GPU"),
+    ],
+    ids=["same-cc", "profile-counts", "kind-cpu"],
+)
+def test_engines_triton_cannot_serve_are_refused_before_writing(
+    tiny_bundle: Bundle, tmp_path: Path, records: tuple[EngineArtifact, ...], kind: str, message: str
+) -> None:
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    add_engines(tiny_bundle, *records)
+    with pytest.raises(ValueError, match=message):
+        export_triton(tiny_bundle.path, tmp_path / "repo", TritonOptions(kind=kind))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_two_compute_capabilities_share_one_model(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    add_engines(tiny_bundle, engine_record("t4", "7.5"), engine_record("l4", "8.9"))
+    export_triton(tiny_bundle.path, tmp_path / "repo", TritonOptions(instances=2))
+    cfg = parse(tmp_path / "repo" / "tiny_trt" / "config.pbtxt")
+    assert dict(cfg.cc_model_filenames) == {"7.5": "t4.plan", "8.9": "l4.plan"}
+    assert [(g.count, list(g.profile)) for g in cfg.instance_group] == [(2, ["0", "1"])]
+    for target in ("t4", "l4"):
+        assert (
+            tmp_path / "repo" / "tiny_trt" / "1" / f"{target}.plan"
+        ).read_bytes() == f"plan of {target}".encode()
 
 
 def test_missing_onnx_model_is_explained(tiny_bundle: Bundle, tmp_path: Path) -> None:

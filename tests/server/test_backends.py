@@ -265,3 +265,91 @@ def test_tensorrt_backend_checks_the_engine_against_this_gpu(tiny_bundle: Path) 
     facts, why = device_facts()
     assert facts is not None, why
     assert facts.compute_capability.count(".") == 1
+
+
+def test_onnxruntime_tensorrt_provider_gets_a_profile_and_a_cache_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The TensorRT EP's options (no onnxruntime-gpu here: a plain stand-in lists its providers)."""
+    from cotap.core.artifacts import OnnxArtifact
+    from cotap.server.backends.onnxruntime_backend import (
+        choose_providers,
+        tensorrt_profile_options,
+        with_tensorrt_profile,
+    )
+
+    class GpuOrt:
+        @staticmethod
+        def get_available_providers() -> list[str]:
+            return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not" / "there"))
+    providers, gpu = choose_providers(GpuOrt(), "cuda:1")
+    cache = tmp_path / "not" / "there" / "cotap" / "ort-trt"
+    assert gpu and cache.is_dir()  # ONNX Runtime itself creates the last component only
+    assert providers[0] == (
+        "TensorrtExecutionProvider",
+        {"device_id": 1, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)},
+    )
+    record = OnnxArtifact(
+        file="onnx/model-fp16.onnx", precision="fp16", sizes=((32, 32), (24, 40)), max_batch=16, opset=17
+    )
+    # one profile covering every size and batch: ONNX Runtime keeps its context on profile 0
+    assert tensorrt_profile_options(record) == {
+        "trt_profile_min_shapes": "images:1x3x24x32",
+        "trt_profile_opt_shapes": "images:8x3x32x32",
+        "trt_profile_max_shapes": "images:16x3x32x40",
+    }
+    small = OnnxArtifact(
+        file="onnx/model-fp32.onnx", precision="fp32", sizes=((96, 96),), max_batch=2, opset=17
+    )
+    assert tensorrt_profile_options(small)["trt_profile_opt_shapes"] == "images:2x3x96x96"
+    with_profile = with_tensorrt_profile(providers, record)
+    assert with_profile[0][1]["trt_profile_max_shapes"] == "images:16x3x32x40"
+    assert with_profile[0][1]["trt_engine_cache_path"] == str(cache)
+    assert with_profile[1:] == providers[1:]  # the CUDA and CPU providers are unchanged
+    assert choose_providers(GpuOrt(), "cpu") == (["CPUExecutionProvider"], False)
+
+
+def test_tensorrt_backend_selects_the_profile_of_each_size() -> None:
+    """Profile i serves record.sizes[i]; a fake execution context records what it is told."""
+    from cotap.server.backends.tensorrt_backend import ProfileBinding, pad_batch
+
+    class Context:
+        def __init__(self) -> None:
+            self.calls: list[tuple[Any, ...]] = []
+
+        def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
+            self.calls.append(("profile", profile, stream))
+            return True
+
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            self.calls.append(("shape", name, shape))
+            return 2 <= shape[0] <= 8  # the profiles' batch range
+
+    ctx = Context()
+    binding = ProfileBinding(ctx, [(32, 32), (24, 40)], (2, 8))
+    assert binding.bind((2, 3, 32, 32), 7) == 0  # a fresh context is on profile 0 already
+    assert binding.bind((4, 3, 24, 40), 7) == 1
+    assert binding.bind((8, 3, 24, 40), 7) == 1  # no switch while the size stays
+    assert binding.bind((2, 3, 32, 32), 7) == 0
+    assert ctx.calls == [
+        ("shape", "images", (2, 3, 32, 32)),
+        ("profile", 1, 7),
+        ("shape", "images", (4, 3, 24, 40)),
+        ("shape", "images", (8, 3, 24, 40)),
+        ("profile", 0, 7),
+        ("shape", "images", (2, 3, 32, 32)),
+    ]
+    with pytest.raises(RuntimeError, match=r"refused input shape \(9, 3, 32, 32\).*batch 2\.\.8"):
+        binding.bind((9, 3, 32, 32), 7)
+    with pytest.raises(BackendError, match="no optimisation profile for input size 48x48"):
+        binding.bind((2, 3, 48, 48), 7)
+    # batches under the engine's min_batch are padded with their last image
+    x = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    padded = pad_batch(x, 4)
+    assert padded.shape == (4, 3, 2, 2)
+    np.testing.assert_array_equal(padded[:2], x)
+    np.testing.assert_array_equal(padded[2], x[1])
+    np.testing.assert_array_equal(padded[3], x[1])
+    assert pad_batch(x, 1) is x
