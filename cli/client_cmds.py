@@ -39,6 +39,16 @@ def _connection_options() -> argparse.ArgumentParser:
     return common
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -112,9 +122,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", type=Path, metavar="IMG", help="the image")
     p.add_argument("--top-k", type=_positive, default=None, help="keep the k most probable per patch")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the map to this PNG")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="IMAGE",
+        help="draw the map to this image file (.png, .jpg, .webp: the format its extension names)",
+    )
     p.add_argument("--save", type=Path, default=None, metavar="FILE", help="write the arrays (safetensors)")
-    p.add_argument("--alpha", type=float, default=0.55, help="opacity of the map in the plot (0..1)")
+    p.add_argument(
+        "--alpha", type=_fraction, default=0.55, help="opacity of the map in the plot (0..1, default 0.55)"
+    )
     p.set_defaults(func=_prototypes)
 
     p = sub.add_parser(
@@ -134,7 +152,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", type=Path, metavar="A", help="source image")
     p.add_argument("target", type=Path, metavar="B", help="target image")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="draw the matches to this PNG")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="IMAGE",
+        help="draw the matches to this image file (.png, .jpg, .webp: the format its extension names)",
+    )
     p.add_argument("--all", action="store_true", help="draw every best match, not only mutual ones")
     p.add_argument("--min-score", type=float, default=None, help="draw only matches scoring at least this")
     p.add_argument("--max-lines", type=_positive, default=300, help="most lines drawn (default 300)")
@@ -216,13 +240,45 @@ def _embed(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _save_arrays(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-    import numpy as np
-    from safetensors.numpy import save_file
+def _check_plot_path(path: Path | None) -> None:
+    """Refuse a --plot path whose extension names no image format, before asking the server."""
+    if path is not None:
+        from cotap.client.plots import image_format
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            image_format(path)
+        except ValueError as e:
+            raise CLIError(f"--plot: {e}") from e
+
+
+def _write_failed(what: str, path: Path, e: OSError) -> CLIError:
+    return CLIError(f"cannot write the {what} to {path}: {e.strerror or e}")
+
+
+def _plot(image: Any, path: Path) -> None:
+    from cotap.client.plots import save
+
+    try:
+        print(f"plot written to {save(image, path)}")
+    except OSError as e:
+        raise _write_failed("plot", path, e) from e
+
+
+def _save_arrays(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+    """The arrays as a safetensors file, its metadata written as the server and the feature store
+    write theirs (strings as they are, other values JSON)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from cotap.client.store import metadata_strings
+
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items() if v is not None}
-    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    body = save(tensors, metadata=metadata_strings(meta))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+    except OSError as e:
+        raise _write_failed("arrays", path, e) from e
     print(f"arrays written to {path}")
 
 
@@ -233,6 +289,7 @@ def _prototypes(args: argparse.Namespace) -> int:
 
     if not args.image.is_file():
         raise CLIError(f"no such image: {args.image}")
+    _check_plot_path(args.plot)
     with _client(args) as client:
         try:
             p = client.prototypes(args.image, top_k=args.top_k)
@@ -249,9 +306,9 @@ def _prototypes(args: argparse.Namespace) -> int:
                 f"  prototype {int(pid):3d}: {int(counts[pid]):5d} patches ({100 * counts[pid] / total:.1f}%)"
             )
     if args.plot is not None:
-        from cotap.client.plots import prototype_overlay, save
+        from cotap.client.plots import prototype_overlay
 
-        print(f"plot written to {save(prototype_overlay(args.image, p, alpha=args.alpha), args.plot)}")
+        _plot(prototype_overlay(args.image, p, alpha=args.alpha), args.plot)
     if args.save is not None:
         _save_arrays(
             args.save,
@@ -267,6 +324,7 @@ def _correspond(args: argparse.Namespace) -> int:
     for path in (args.source, args.target):
         if not path.is_file():
             raise CLIError(f"no such image: {path}")
+    _check_plot_path(args.plot)
     with _client(args) as client:
         try:
             c = client.correspond(args.source, args.target, top_k=args.top_k)
@@ -286,7 +344,7 @@ def _correspond(args: argparse.Namespace) -> int:
     else:
         print(f"no mutual matches among {c.match.size} patches")
     if args.plot is not None:
-        from cotap.client.plots import correspondence_lines, save
+        from cotap.client.plots import correspondence_lines
 
         image = correspondence_lines(
             args.source,
@@ -296,7 +354,7 @@ def _correspond(args: argparse.Namespace) -> int:
             min_score=args.min_score,
             max_lines=args.max_lines,
         )
-        print(f"plot written to {save(image, args.plot)}")
+        _plot(image, args.plot)
     if args.save is not None:
         _save_arrays(
             args.save,

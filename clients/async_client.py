@@ -19,8 +19,10 @@ from PIL import Image
 
 from cotap.client import protocol
 from cotap.client.base import (
+    CLOSED_MESSAGE,
     CallPlan,
     ClientCore,
+    DType,
     ImageFormat,
     Item,
     Outputs,
@@ -28,12 +30,13 @@ from cotap.client.base import (
     embed_plan,
     encode_all,
     health_from,
+    images_of,
     pair_inputs,
     prototypes_plan,
 )
 from cotap.client.errors import ImageTooLarge, NotFound, PayloadTooLarge
 from cotap.client.info import Health, ServerInfo
-from cotap.client.inputs import ImageInput, as_list
+from cotap.client.inputs import ImageInput
 from cotap.client.results import (
     Correspondence,
     CorrespondenceBatch,
@@ -73,6 +76,10 @@ class AsyncClient(ClientCore):
         self._info: ServerInfo | None = None
         self._info_lock = asyncio.Lock()
 
+    def _check_open(self) -> None:
+        if self._http.is_closed:
+            raise RuntimeError(CLOSED_MESSAGE)
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -91,6 +98,7 @@ class AsyncClient(ClientCore):
         files: protocol.Files | None = None,
         item_offset: int = 0,
     ) -> httpx.Response:
+        self._check_open()
         t = self._transport
         attempts = Attempts(t.retry)
         headers = protocol.ACCEPT if files is not None else None
@@ -114,11 +122,12 @@ class AsyncClient(ClientCore):
                 try:
                     response = await self._send("GET", protocol.MODELS)
                     self._info = ServerInfo.from_dict(response.json())
-                except NotFound:
-                    self._info = ServerInfo.from_dict({})
+                except NotFound as e:  # every cotap server has /v1/models: a wrong URL
+                    raise self.not_a_server(e) from e
             return self._info
 
     async def health(self) -> Health:
+        self._check_open()
         try:
             live = (await self._http.get(protocol.LIVE)).status_code == 200
             ready = await self._http.get(protocol.READY)
@@ -142,16 +151,23 @@ class AsyncClient(ClientCore):
         return plan.parse(protocol.decode(response.content, response.headers), len(items))
 
     async def _run(self, plan: CallPlan) -> list[Any]:
-        chunks = plan.chunks(await self.models(), self.images_per_request)
-        if len(chunks) == 1:
-            return await self._post(plan, chunks[0])
-        window = asyncio.Semaphore(self.max_in_flight)
+        self._check_open()
+        info = await self.models()
+        chunks = plan.chunks(info, self.images_per_request)
+        with plan.bar() as bar:
+            if len(chunks) == 1:
+                out = await self._post(plan, chunks[0])
+                bar.update(len(out))
+                return out
+            window = asyncio.Semaphore(plan.in_flight(info, chunks, self.max_in_flight))
 
-        async def one(chunk: range) -> list[Any]:
-            async with window:
-                return await self._post(plan, chunk)
+            async def one(chunk: range) -> list[Any]:
+                async with window:
+                    out = await self._post(plan, chunk)
+                bar.update(len(chunk))
+                return out
 
-        parts = await asyncio.gather(*(one(c) for c in chunks))
+            parts = await asyncio.gather(*(one(c) for c in chunks))
         return [r for part in parts for r in part]
 
     @overload
@@ -161,7 +177,8 @@ class AsyncClient(ClientCore):
         *,
         outputs: Outputs = ...,
         normalize: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> Embedding: ...
     @overload
@@ -171,7 +188,8 @@ class AsyncClient(ClientCore):
         *,
         outputs: Outputs = ...,
         normalize: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> EmbedBatch: ...
     async def embed(
@@ -180,13 +198,16 @@ class AsyncClient(ClientCore):
         *,
         outputs: Outputs = ("patch", "cls"),
         normalize: bool = False,
-        dtype: str | None = None,
+        dtype: DType = None,
+        progress: bool = False,
         model: str | None = None,
     ) -> Embedding | EmbedBatch:
         """As `Client.embed`."""
-        items, single = as_list(images)
+        self._check_open()
+        items, single = images_of(images)
         encoded = await asyncio.to_thread(encode_all, items, self.image_format)
-        results = await self._run(embed_plan(encoded, outputs, normalize, dtype, model or self.model))
+        plan = embed_plan(encoded, outputs, normalize, dtype, model or self.model, progress)
+        results = await self._run(plan)
         return results[0] if single else EmbedBatch(results)
 
     @overload
@@ -195,7 +216,8 @@ class AsyncClient(ClientCore):
         images: str | Path | bytes | Image.Image | np.ndarray,
         *,
         top_k: int | None = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> Prototypes: ...
     @overload
@@ -204,7 +226,8 @@ class AsyncClient(ClientCore):
         images: Sequence[ImageInput],
         *,
         top_k: int | None = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> PrototypesBatch: ...
     async def prototypes(
@@ -212,13 +235,15 @@ class AsyncClient(ClientCore):
         images: ImageInput | Sequence[ImageInput],
         *,
         top_k: int | None = None,
-        dtype: str | None = None,
+        dtype: DType = None,
+        progress: bool = False,
         model: str | None = None,
     ) -> Prototypes | PrototypesBatch:
         """As `Client.prototypes`."""
-        items, single = as_list(images)
+        self._check_open()
+        items, single = images_of(images)
         encoded = await asyncio.to_thread(encode_all, items, self.image_format)
-        results = await self._run(prototypes_plan(encoded, top_k, dtype, model or self.model))
+        results = await self._run(prototypes_plan(encoded, top_k, dtype, model or self.model, progress))
         return results[0] if single else PrototypesBatch(results)
 
     @overload
@@ -230,7 +255,8 @@ class AsyncClient(ClientCore):
         top_k: int = ...,
         mutual_only: bool = ...,
         dense: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> Correspondence: ...
     @overload
@@ -242,7 +268,8 @@ class AsyncClient(ClientCore):
         top_k: int = ...,
         mutual_only: bool = ...,
         dense: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> CorrespondenceBatch: ...
     async def correspond(
@@ -253,15 +280,17 @@ class AsyncClient(ClientCore):
         top_k: int = 1,
         mutual_only: bool = False,
         dense: bool = False,
-        dtype: str | None = None,
+        dtype: DType = None,
+        progress: bool = False,
         model: str | None = None,
     ) -> Correspondence | CorrespondenceBatch:
         """As `Client.correspond`."""
+        self._check_open()
         sources, targets, single = pair_inputs(source, target)
-        encoded_s = await asyncio.to_thread(encode_all, sources, self.image_format)
-        encoded_t = await asyncio.to_thread(encode_all, targets, self.image_format)
+        encoded_s = await asyncio.to_thread(encode_all, sources, self.image_format, "source")
+        encoded_t = await asyncio.to_thread(encode_all, targets, self.image_format, "target")
         pairs = list(zip(encoded_s, encoded_t, strict=True))
         info = await self.models()
-        plan = correspond_plan(pairs, top_k, mutual_only, dense, dtype, model or self.model, info)
+        plan = correspond_plan(pairs, top_k, mutual_only, dense, dtype, model or self.model, info, progress)
         results = await self._run(plan)
         return results[0] if single else CorrespondenceBatch(results)

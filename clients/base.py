@@ -8,24 +8,45 @@ with `httpx.AsyncClient` and tasks, and both end in the same `protocol` decoders
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 
 from cotap.client import protocol
 from cotap.client.chunking import max_part_bytes, plan_chunks
-from cotap.client.errors import CotapError, PayloadTooLarge, Timeout, Unreachable, error_from_response
+from cotap.client.errors import (
+    BadImage,
+    CotapError,
+    NotFound,
+    PayloadTooLarge,
+    Timeout,
+    Unreachable,
+    error_from_response,
+)
 from cotap.client.info import Health, ServerInfo
-from cotap.client.inputs import EncodedImage, EncodeFormat, as_list, encode_image, image_size
+from cotap.client.inputs import (
+    EncodedImage,
+    EncodeFormat,
+    ImageInput,
+    as_list,
+    encode_format,
+    encode_image,
+    image_size,
+)
 from cotap.client.retry import RETRY_STATUSES, Attempts, RetryPolicy, retry_after_seconds
 from cotap.core.version import __version__
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV, KEY_ENV = "COTAP_URL", "COTAP_API_KEY"
-Outputs = Sequence[Literal["patch", "cls"]]
+Outputs = Sequence[Literal["patch", "cls"]] | Literal["patch", "cls", "patch,cls"]
+DType = npt.DTypeLike
+CLOSED_MESSAGE = "this client is closed (close() was called, or its `with` block ended): make a new one"
 
 
 def resolve_url(url: str | None) -> str:
@@ -99,6 +120,28 @@ class CallPlan:
     pairs: bool = False
     weights: list[int] | None = None  # dense similarity elements per pair
     max_weight: int | None = None
+    progress: bool = False  # a tqdm bar on stderr, advanced as chunks come back
+
+    def in_flight(self, info: ServerInfo, chunks: Sequence[range], max_in_flight: int) -> int:
+        """How many chunks may be in flight at once: `max_in_flight`, but never more images than
+        the server's queue holds (more would only be refused with 429 and retried)."""
+        parts = 2 if self.pairs else 1
+        biggest = max((len(c) for c in chunks), default=1) * parts
+        return info.limits.requests_in_flight(max_in_flight, biggest)
+
+    def bar(self) -> Any:
+        """A progress bar over the items (disabled unless `progress`)."""
+        from tqdm import tqdm
+
+        what = "pairs" if self.pairs else "img"
+        return tqdm(
+            total=len(self.items),
+            unit=what,
+            desc=self.path.rsplit("/", 1)[-1],
+            disable=not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
 
     def files(self, chunk: Sequence[Item]) -> protocol.Files:
         if self.pairs:
@@ -220,7 +263,7 @@ class ClientCore:
         self.model = model
         self.max_in_flight = max_in_flight
         self.images_per_request = images_per_request
-        self.image_format: ImageFormat = image_format
+        self.image_format: ImageFormat = encode_format(image_format)
         self._stats = StatsCounter()
         self._transport = Transport(retry or RetryPolicy(), self._stats)
 
@@ -239,6 +282,15 @@ class ClientCore:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, model={self.model!r})"
+
+    def not_a_server(self, e: NotFound) -> NotFound:
+        """The error for a 404 on `GET /v1/models`: the URL is not a cotap server's root."""
+        return NotFound(
+            f"{self.url}{protocol.MODELS} answered 404 ({e.message}): {self.url} does not look like a "
+            "cotap server; give the server's root URL, such as http://host:8000 (no path)",
+            status=e.status,
+            request_id=e.request_id,
+        )
 
     @property
     def stats(self) -> ClientStats:
@@ -262,29 +314,82 @@ def health_from(live: bool, ready: httpx.Response) -> Health:
     )
 
 
+def output_names(outputs: Outputs) -> list[str]:
+    """`outputs` as a list of names: a sequence as it is, a single string ("cls", "patch,cls")
+    split at commas (not into letters)."""
+    if isinstance(outputs, str):
+        return [o.strip() for o in outputs.split(",") if o.strip()]
+    return [str(o) for o in outputs]
+
+
+def dtype_name(dtype: DType | None) -> str | None:
+    """`dtype` as the name the server takes: "float16" / "float32" from a string, a NumPy type
+    (np.float32) or dtype (np.dtype("float16")); a name NumPy does not know is passed on as it is
+    (the server then says what it accepts)."""
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        if isinstance(dtype, str):
+            return dtype
+        raise TypeError(f"dtype must be float16 or float32 (a name or a NumPy type), got {dtype!r}") from None
+
+
+def images_of(images: ImageInput | Sequence[ImageInput]) -> tuple[list[ImageInput], bool]:
+    """(the images as a list, whether one image was given); an empty sequence is refused here,
+    before anything is sent."""
+    items, single = as_list(images)
+    if not items:
+        raise ValueError("no images: pass one image, or a sequence of one or more")
+    return items, single
+
+
 def embed_plan(
-    items: list[EncodedImage], outputs: Outputs, normalize: bool, dtype: str | None, model: str | None
+    items: list[EncodedImage],
+    outputs: Outputs,
+    normalize: bool,
+    dtype: DType | None,
+    model: str | None,
+    progress: bool = False,
 ) -> CallPlan:
-    params = protocol.query(outputs=list(outputs), normalize=normalize, dtype=dtype, model=model)
-    return CallPlan(protocol.EMBED, params, list(items), protocol.embeddings)
+    params = protocol.query(
+        outputs=output_names(outputs), normalize=normalize, dtype=dtype_name(dtype), model=model
+    )
+    return CallPlan(protocol.EMBED, params, list(items), protocol.embeddings, progress=progress)
 
 
 def prototypes_plan(
-    items: list[EncodedImage], top_k: int | None, dtype: str | None, model: str | None
+    items: list[EncodedImage],
+    top_k: int | None,
+    dtype: DType | None,
+    model: str | None,
+    progress: bool = False,
 ) -> CallPlan:
-    params = protocol.query(top_k=top_k, dtype=dtype, model=model)
-    return CallPlan(protocol.PROTOTYPES, params, list(items), protocol.prototypes)
+    params = protocol.query(top_k=top_k, dtype=dtype_name(dtype), model=model)
+    return CallPlan(protocol.PROTOTYPES, params, list(items), protocol.prototypes, progress=progress)
 
 
 def pair_inputs(source: Any, target: Any) -> tuple[list[Any], list[Any], bool]:
-    """(sources, targets, whether one pair was given); refuses unequal sequences."""
+    """(sources, targets, whether one pair was given); refuses a single image paired with a
+    sequence, and sequences of unequal length."""
     sources, single_s = as_list(source)
     targets, single_t = as_list(target)
-    if single_s != single_t or len(sources) != len(targets):
+    if single_s != single_t:
+        one, many = ("source", "target") if single_s else ("target", "source")
+        n = len(targets) if single_s else len(sources)
         raise ValueError(
-            "source and target must be one image each or sequences of equal length "
-            f"(got {len(sources)} and {len(targets)})"
+            f"{one} is one image but {many} is a sequence of {n}: pass one image each (one pair, "
+            "-> Correspondence) or two sequences of equal length, paired in order "
+            "(-> CorrespondenceBatch), e.g. correspond([a], [b])"
         )
+    if len(sources) != len(targets):
+        raise ValueError(
+            "source and target sequences must have equal length (they are paired in order); "
+            f"got {len(sources)} sources and {len(targets)} targets"
+        )
+    if not sources:
+        raise ValueError("no pairs: pass one image each, or two sequences of one or more")
     return sources, targets, single_s
 
 
@@ -293,17 +398,32 @@ def correspond_plan(
     top_k: int,
     mutual_only: bool,
     dense: bool,
-    dtype: str | None,
+    dtype: DType | None,
     model: str | None,
     info: ServerInfo,
+    progress: bool = False,
 ) -> CallPlan:
-    params = protocol.query(top_k=top_k, mutual_only=mutual_only, dense=dense, dtype=dtype, model=model)
-    plan = CallPlan(protocol.CORRESPOND, params, list(pairs), protocol.correspondences, pairs=True)
+    params = protocol.query(
+        top_k=top_k, mutual_only=mutual_only, dense=dense, dtype=dtype_name(dtype), model=model
+    )
+    plan = CallPlan(
+        protocol.CORRESPOND, params, list(pairs), protocol.correspondences, pairs=True, progress=progress
+    )
     if dense:
         plan.weights = dense_weights(info, model, pairs)
         plan.max_weight = info.limits.max_dense_elements if plan.weights is not None else None
     return plan
 
 
-def encode_all(images: Sequence[Any], fmt: EncodeFormat, prefix: str = "image") -> list[EncodedImage]:
-    return [encode_image(x, fmt, name=f"{prefix}{i}") for i, x in enumerate(images)]
+def encode_all(images: Sequence[Any], fmt: EncodeFormat, role: str = "") -> list[EncodedImage]:
+    """Every image encoded for sending. An image that cannot be read raises `BadImage` with `item`
+    set to its index in the call and a message that names it ("image 3: ..." or, with a `role`,
+    "pair 3 target: ..."), as the server's own errors do."""
+    out = []
+    for i, x in enumerate(images):
+        try:
+            out.append(encode_image(x, fmt, name=f"{role or 'image'}{i}"))
+        except BadImage as e:
+            place = f"pair {i} {role}" if role else f"image {i}"
+            raise BadImage(f"{place}: {e.message}", item=i) from e
+    return out

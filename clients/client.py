@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -21,8 +21,10 @@ from PIL import Image
 
 from cotap.client import protocol
 from cotap.client.base import (
+    CLOSED_MESSAGE,
     CallPlan,
     ClientCore,
+    DType,
     ImageFormat,
     Item,
     Outputs,
@@ -30,12 +32,13 @@ from cotap.client.base import (
     embed_plan,
     encode_all,
     health_from,
+    images_of,
     pair_inputs,
     prototypes_plan,
 )
 from cotap.client.errors import ImageTooLarge, NotFound, PayloadTooLarge
 from cotap.client.info import Health, ServerInfo
-from cotap.client.inputs import ImageInput, as_list
+from cotap.client.inputs import ImageInput
 from cotap.client.results import (
     Correspondence,
     CorrespondenceBatch,
@@ -62,9 +65,11 @@ class Client(ClientCore):
       server's default).
     - `timeout`: seconds per request (connect at most 10 s); `retry`: backoff on 429/503 and on
       connections that fail (`RetryPolicy()`: up to 10 tries, full jitter, Retry-After honoured).
-    - `max_in_flight`: requests one call sends at once when it is split into several.
     - `images_per_request`: a cap of your own on top of the server's limits.
-    - `image_format`: how in-memory images (PIL, NumPy) are encoded: PNG (lossless, default) or JPEG.
+    - `max_in_flight`: requests one call sends at once when it is split into several (fewer when
+      more would hold more images than the server's queue, `max_queue`).
+    - `image_format`: how in-memory images (PIL, NumPy) are encoded: "PNG" (lossless, default),
+      "JPEG" or "WEBP" (lossless), in any case.
     - `transport`: an httpx transport (proxies, tests).
     """
 
@@ -90,6 +95,10 @@ class Client(ClientCore):
         self._pool_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._http.is_closed:
+            raise RuntimeError(CLOSED_MESSAGE)
+
     def close(self) -> None:
         """Close the connections and the chunk thread pool."""
         if self._pool is not None:
@@ -113,6 +122,7 @@ class Client(ClientCore):
         item_offset: int = 0,
     ) -> httpx.Response:
         """One request, retried on 429/503 and failed connections; errors raised as CotapError."""
+        self._check_open()
         t = self._transport
         attempts = Attempts(t.retry)
         headers = protocol.ACCEPT if files is not None else None
@@ -136,12 +146,13 @@ class Client(ClientCore):
             if self._info is None or refresh:
                 try:
                     self._info = ServerInfo.from_dict(self._send("GET", protocol.MODELS).json())
-                except NotFound:  # a server without /v1/models: assume the default limits
-                    self._info = ServerInfo.from_dict({})
+                except NotFound as e:  # every cotap server has /v1/models: a wrong URL
+                    raise self.not_a_server(e) from e
             return self._info
 
     def health(self) -> Health:
         """`/health/live` and `/health/ready`, asked once each (no retries: this reports state)."""
+        self._check_open()
         try:
             live = self._http.get(protocol.LIVE).status_code == 200
             ready = self._http.get(protocol.READY)
@@ -172,20 +183,35 @@ class Client(ClientCore):
         return plan.parse(protocol.decode(response.content, response.headers), len(items))
 
     def _run(self, plan: CallPlan) -> list[Any]:
-        """Every chunk of the plan, up to `max_in_flight` at once; results in input order."""
-        chunks = plan.chunks(self.models(), self.images_per_request)
-        if len(chunks) == 1:
-            return self._post(plan, chunks[0])
-        futures = [self._executor().submit(self._post, plan, c) for c in chunks]
-        out: list[Any] = []
-        try:
-            for f in futures:
-                out += f.result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        return out
+        """Every chunk of the plan, a window of them in flight at once (`max_in_flight`, and never
+        more images than the server's queue holds); results in input order."""
+        self._check_open()
+        info = self.models()
+        chunks = plan.chunks(info, self.images_per_request)
+        window = plan.in_flight(info, chunks, self.max_in_flight)
+        with plan.bar() as bar:
+            if len(chunks) == 1:
+                out = self._post(plan, chunks[0])
+                bar.update(len(out))
+                return out
+            results: list[list[Any]] = [[] for _ in chunks]
+            running: dict[Future[list[Any]], int] = {}
+            pool, nxt = self._executor(), 0
+            try:
+                while nxt < len(chunks) or running:
+                    while nxt < len(chunks) and len(running) < window:
+                        running[pool.submit(self._post, plan, chunks[nxt])] = nxt
+                        nxt += 1
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        i = running.pop(f)
+                        results[i] = f.result()
+                        bar.update(len(chunks[i]))
+            except BaseException:
+                for f in running:
+                    f.cancel()
+                raise
+        return [r for part in results for r in part]
 
     @overload
     def embed(
@@ -194,7 +220,8 @@ class Client(ClientCore):
         *,
         outputs: Outputs = ...,
         normalize: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> Embedding: ...
     @overload
@@ -204,7 +231,8 @@ class Client(ClientCore):
         *,
         outputs: Outputs = ...,
         normalize: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> EmbedBatch: ...
     def embed(
@@ -213,15 +241,18 @@ class Client(ClientCore):
         *,
         outputs: Outputs = ("patch", "cls"),
         normalize: bool = False,
-        dtype: str | None = None,
+        dtype: DType = None,
+        progress: bool = False,
         model: str | None = None,
     ) -> Embedding | EmbedBatch:
         """Patch embeddings (h, w, C) and cls embeddings (C,) of one image (-> `Embedding`) or of a
         sequence of them (-> `EmbedBatch`, in order). `normalize`: L2-normalised; `dtype`: float16
-        (default) or float32; `outputs`: ("patch",), ("cls",) or both."""
-        items, single = as_list(images)
+        (default) or float32, as a name or a NumPy type; `outputs`: ("patch",), ("cls",) or both
+        (a single name such as "cls" works too); `progress`: a tqdm bar on stderr (long lists)."""
+        self._check_open()
+        items, single = images_of(images)
         encoded = encode_all(items, self.image_format)
-        results = self._run(embed_plan(encoded, outputs, normalize, dtype, model or self.model))
+        results = self._run(embed_plan(encoded, outputs, normalize, dtype, model or self.model, progress))
         return results[0] if single else EmbedBatch(results)
 
     @overload
@@ -230,7 +261,8 @@ class Client(ClientCore):
         images: str | Path | bytes | Image.Image | np.ndarray,
         *,
         top_k: int | None = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> Prototypes: ...
     @overload
@@ -239,7 +271,8 @@ class Client(ClientCore):
         images: Sequence[ImageInput],
         *,
         top_k: int | None = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> PrototypesBatch: ...
     def prototypes(
@@ -247,14 +280,16 @@ class Client(ClientCore):
         images: ImageInput | Sequence[ImageInput],
         *,
         top_k: int | None = None,
-        dtype: str | None = None,
+        dtype: DType = None,
+        progress: bool = False,
         model: str | None = None,
     ) -> Prototypes | PrototypesBatch:
         """Per-patch prototype ids (h, w) and probabilities: all M (h, w, M) by default, or the
-        `top_k` largest (h, w, k) with their ids."""
-        items, single = as_list(images)
+        `top_k` largest (h, w, k) with their ids. `dtype`, `progress`: as `embed`."""
+        self._check_open()
+        items, single = images_of(images)
         encoded = encode_all(items, self.image_format)
-        results = self._run(prototypes_plan(encoded, top_k, dtype, model or self.model))
+        results = self._run(prototypes_plan(encoded, top_k, dtype, model or self.model, progress))
         return results[0] if single else PrototypesBatch(results)
 
     @overload
@@ -266,7 +301,8 @@ class Client(ClientCore):
         top_k: int = ...,
         mutual_only: bool = ...,
         dense: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> Correspondence: ...
     @overload
@@ -278,7 +314,8 @@ class Client(ClientCore):
         top_k: int = ...,
         mutual_only: bool = ...,
         dense: bool = ...,
-        dtype: str | None = ...,
+        dtype: DType = ...,
+        progress: bool = ...,
         model: str | None = ...,
     ) -> CorrespondenceBatch: ...
     def correspond(
@@ -289,19 +326,26 @@ class Client(ClientCore):
         top_k: int = 1,
         mutual_only: bool = False,
         dense: bool = False,
-        dtype: str | None = None,
+        dtype: DType = None,
+        progress: bool = False,
         model: str | None = None,
     ) -> Correspondence | CorrespondenceBatch:
         """For every patch of `source` its best match in `target` (one pair -> `Correspondence`;
         two equally long sequences, paired in order -> `CorrespondenceBatch`). `top_k` > 1 adds
         the k best; `dense` adds the full similarity (split so each request stays under the
-        server's `max_dense_elements`); `mutual_only` keeps mutual matches only."""
+        server's `max_dense_elements`); `mutual_only` keeps mutual matches only. `dtype`,
+        `progress`: as `embed`."""
+        self._check_open()
         sources, targets, single = pair_inputs(source, target)
         pairs = list(
-            zip(encode_all(sources, self.image_format), encode_all(targets, self.image_format), strict=True)
+            zip(
+                encode_all(sources, self.image_format, "source"),
+                encode_all(targets, self.image_format, "target"),
+                strict=True,
+            )
         )
         info = self.models()
-        plan = correspond_plan(pairs, top_k, mutual_only, dense, dtype, model or self.model, info)
+        plan = correspond_plan(pairs, top_k, mutual_only, dense, dtype, model or self.model, info, progress)
         results = self._run(plan)
         return results[0] if single else CorrespondenceBatch(results)
 

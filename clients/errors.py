@@ -177,7 +177,7 @@ _BY_STATUS: dict[int, type[CotapError]] = {
     504: DeadlineExceeded,
 }
 # The server prefixes image errors with the image's place in the request: "image 3: ..." or
-# "pair 1 target: ...".
+# "pair 1 target: ..."; the SDK rewrites that number to the place in the caller's call.
 _ITEM = re.compile(r"^(image|pair) (\d+)\b")
 
 # Errors caused by one image: the rest of a batch is worth sending without it.
@@ -204,9 +204,9 @@ def error_from_response(
     if cls is None:
         cls = _BY_STATUS.get(status, ServerError)
     item = None
-    m = _ITEM.match(str(message))
-    if m:
+    message = str(message)
+    m = _ITEM.match(message)
+    if m:  # the server counts within its request; the caller's call may have been split
         item = item_offset + int(m.group(2))
-    return cls(
-        str(message), code=str(code) if code else None, status=status, request_id=request_id, item=item
-    )
+        message = f"{m.group(1)} {item}{message[m.end() :]}"
+    return cls(message, code=str(code) if code else None, status=status, request_id=request_id, item=item)

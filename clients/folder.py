@@ -7,9 +7,11 @@ progress bar, resumable, and with every failure listed (see `store` for the two 
   report) with the server's error code, message and request id. A rerun retries the failures.
 - One bad image does not sink its request's neighbours: when the server names it, the rest are
   sent again without it.
-- `DST/embed.json` records the resolved options, the model and its bundle hash; a rerun against a
-  different model (other bundle hash) or with other options is refused unless `overwrite=True`,
-  so one folder never mixes features of two models.
+- `DST/embed.json` records the source folder, the resolved options, the model and its bundle hash;
+  a rerun from another source folder, against a different model (other bundle hash) or with other
+  options is refused unless `overwrite=True`, so one folder never mixes two sets of features.
+- A server that goes away mid-run stops the run (`Unreachable`, like the other fatal errors): what
+  was written is kept, and the same command run again resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cotap.client import protocol
-from cotap.client.base import Outputs
+from cotap.client.base import DType, Outputs, dtype_name, output_names
 from cotap.client.chunking import max_part_bytes, plan_chunks
 from cotap.client.errors import (
     PER_IMAGE_ERRORS,
@@ -38,6 +40,7 @@ from cotap.client.errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    Unreachable,
 )
 from cotap.client.inputs import EncodedImage, encode_bytes
 from cotap.client.results import Embedding
@@ -58,8 +61,9 @@ if TYPE_CHECKING:
     from cotap.client.client import Client
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-# Errors that no other request would escape: stop the whole run.
-FATAL_ERRORS: tuple[type[CotapError], ...] = (Unauthorized, ModelNotFound, NotFound)
+# Errors that no other request would escape: stop the whole run. (A server gone away, too: every
+# remaining image would fail the same way, after its own retries.)
+FATAL_ERRORS: tuple[type[CotapError], ...] = (Unauthorized, ModelNotFound, NotFound, Unreachable)
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,11 @@ def _check_run(dst: Path, record: dict[str, Any], overwrite: bool) -> None:
         old = json.loads(path.read_text())
     except ValueError:
         return
+    if "src" in old and old["src"] != record["src"]:
+        raise ValueError(
+            f"{dst} holds the features of another source folder ({old['src']}, not {record['src']}): "
+            "use another --out folder for these images, or --overwrite to replace those features"
+        )
     keys = ("bundle_sha256", "outputs", "normalize", "dtype", "layout")
     diff = [k for k in keys if old.get(k) != record.get(k)]
     if diff:
@@ -241,7 +250,7 @@ def embed_folder(
     images_per_request: int = 8,
     outputs: Outputs = ("patch", "cls"),
     normalize: bool = False,
-    dtype: str | None = None,
+    dtype: DType = None,
     model: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -252,15 +261,16 @@ def embed_folder(
 
     - `shard_size`: None writes one file per image (mirroring the source tree); N writes shards
       of N images and `index.json`.
-    - `concurrency`: requests in flight; `images_per_request`: images per request (capped by the
-      server's limits).
+    - `concurrency`: requests in flight; `images_per_request`: images per request (both capped by
+      the server's limits: never more images in flight than its queue holds).
     - `outputs`, `normalize`, `dtype`, `model`: as `Client.embed`.
     - `overwrite`: redo everything instead of resuming.
     - `progress`: a tqdm bar on stderr.
 
     Returns a `FolderReport`; Ctrl-C stops cleanly (what finished is kept) and returns a report
     with `interrupted=True`. Raises for problems no image would escape (wrong key, unknown model,
-    an option the server refuses).
+    an option the server refuses, another source folder already in `dst`, the server gone away:
+    what was written is kept, and a rerun resumes).
     """
     from tqdm import tqdm
 
@@ -272,20 +282,26 @@ def embed_folder(
     info = client.models()
     served = info.model(model or client.model)
     if served is None:
+        name = model or client.model or info.default
+        names = ", ".join(m.name for m in info.models)
         raise ModelNotFound(
-            f"no model named {model or client.model!r}; served: {', '.join(m.name for m in info.models)}"
+            f"no model named {name!r}; served: {names}"
+            if names
+            else f"{client.url} serves no models (its /v1/models lists none)"
         )
+    wanted, dtype_str = output_names(outputs), dtype_name(dtype)
     dst.mkdir(parents=True, exist_ok=True)
     per_request = max(1, min(images_per_request, info.limits.images_per_request))
+    concurrency = info.limits.requests_in_flight(concurrency, per_request)
     record = {
         "version": __version__,
         "src": str(src.resolve()),
         "url": client.url,
         "model": served.name,
         "bundle_sha256": served.bundle_sha256,
-        "outputs": list(outputs),
+        "outputs": wanted,
         "normalize": normalize,
-        "dtype": dtype or "float16",
+        "dtype": dtype_str or "float16",
         "layout": "shards" if shard_size else "files",
         "shard_size": shard_size,
         "images_per_request": per_request,
@@ -309,9 +325,7 @@ def embed_folder(
         done = {rel for rel in files if feature_path(dst, rel).exists()}
     todo = [rel for rel in files if rel not in done]
 
-    params = protocol.query(
-        outputs=list(outputs), normalize=normalize, dtype=dtype, model=model or client.model
-    )
+    params = protocol.query(outputs=wanted, normalize=normalize, dtype=dtype_str, model=model or client.model)
     worker = _Worker(client, src, params, per_request)
     groups = [todo[i : i + per_request] for i in range(0, len(todo), per_request)]
     report = FolderReport(src=src, dst=dst, total=len(files), skipped=len(done), written=0)
@@ -328,6 +342,7 @@ def embed_folder(
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="cotap-embed")
     pending: set[Future[list[Outcome]]] = set()
     next_group = 0
+    gone: Unreachable | None = None
     try:
         while next_group < len(groups) or pending:
             while next_group < len(groups) and len(pending) < 2 * concurrency:
@@ -350,6 +365,9 @@ def embed_folder(
                 bar.set_postfix(failed=len(report.failures), refresh=False)
     except KeyboardInterrupt:
         report.interrupted = True
+    except Unreachable as e:
+        gone = e
+        report.interrupted = True
     finally:
         for future in pending:
             future.cancel()
@@ -369,4 +387,11 @@ def embed_folder(
                 "failures": [asdict(f) for f in report.failures],
             },
         )
+    if gone is not None:
+        raise Unreachable(
+            f"{gone.message}; stopped after {report.skipped + report.written} of {report.total} images "
+            f"({report.written} written by this run, all kept): run the same command again to resume "
+            "once the server is back",
+            request_id=gone.request_id,
+        ) from gone
     return report

@@ -41,6 +41,12 @@ class ServerLimits:
         request would be refused with 429 however long it waited)."""
         return max(1, min(self.max_images_per_request, self.max_queue, self.max_parts))
 
+    def requests_in_flight(self, wanted: int, images_per_request: int) -> int:
+        """How many requests of `images_per_request` images may be in flight together: `wanted`,
+        but never more images than the server's queue holds (`max_queue`), so that one caller
+        never fills the queue on its own (the rest would only be refused with 429). At least 1."""
+        return max(1, min(wanted, self.max_queue // max(1, images_per_request)))
+
 
 @dataclass(frozen=True)
 class ModelInfo:

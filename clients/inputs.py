@@ -3,7 +3,11 @@
 Accepted: a path (str or PathLike), encoded bytes, a PIL image, or a NumPy uint8 array (H, W),
 (H, W, 1), (H, W, 3) or (H, W, 4). JPEG, PNG and WebP files go over the wire untouched (the server
 decodes them exactly as it would any upload); other formats Pillow reads (BMP, TIFF, GIF, ...)
-and in-memory pixels are encoded losslessly as PNG by default, so the model sees your pixels.
+and in-memory pixels are encoded losslessly as PNG by default.
+
+Everything that is re-encoded here follows the server's own decoding rules first, so that a file
+and the same picture in memory look alike to the model: EXIF orientation applied (upright), and
+transparency composited over white (`cotap.core.images.to_rgb`, the server's rule).
 """
 
 from __future__ import annotations
@@ -16,15 +20,30 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cotap.client.errors import BadImage
+from cotap.core.images import clean_message, to_rgb
 
 ImageInput: TypeAlias = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
 EncodeFormat = Literal["PNG", "JPEG", "WEBP"]
 
 MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 _SUFFIX = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_ALIASES = {"JPG": "JPEG"}
+_ORIENTATION = 0x0112
+
+
+def encode_format(value: object) -> EncodeFormat:
+    """`value` as one of 'PNG', 'JPEG', 'WEBP' (any case; 'jpg' is JPEG); ValueError otherwise."""
+    name = value.upper() if isinstance(value, str) else None
+    name = _ALIASES.get(name, name) if name is not None else None
+    if name not in MEDIA_TYPES:
+        raise ValueError(
+            f"image_format must be one of PNG, JPEG, WEBP (any case), got {value!r}: it is "
+            "how in-memory images are encoded, and the server accepts only these"
+        )
+    return name  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -51,9 +70,16 @@ def sniff(data: bytes | memoryview) -> str | None:
     return None
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """`image` as the server would see it if it came as a file: EXIF orientation applied, then RGB
+    with transparency over white (greyscale stays L: the server turns it into the same RGB)."""
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image) or image
+    return image if image.mode in ("RGB", "L") else to_rgb(image)
+
+
 def _encode_pil(image: Image.Image, fmt: EncodeFormat, name: str) -> EncodedImage:
-    if image.mode not in ("RGB", "RGBA", "L", "LA") or (fmt == "JPEG" and image.mode != "RGB"):
-        image = image.convert("RGBA" if "A" in image.getbands() and fmt != "JPEG" else "RGB")
+    image = upright_rgb(image)
     buf = io.BytesIO()
     if fmt == "PNG":
         image.save(buf, "PNG", compress_level=1)  # fast; size matters less than time here
@@ -93,7 +119,7 @@ def encode_bytes(data: bytes, name: str, fmt: EncodeFormat = "PNG") -> EncodedIm
             image.load()
             return _encode_pil(image, fmt, Path(name).stem or "image")
     except Exception as e:  # not an image at all, or a broken one
-        raise BadImage(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+        raise BadImage(f"not a readable image ({clean_message(e)})") from e
 
 
 def encode_image(image: ImageInput, fmt: EncodeFormat = "PNG", name: str = "image") -> EncodedImage:
@@ -102,7 +128,10 @@ def encode_image(image: ImageInput, fmt: EncodeFormat = "PNG", name: str = "imag
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"no image file {str(path)!r}")
-        return encode_bytes(path.read_bytes(), path.name, fmt)
+        try:
+            return encode_bytes(path.read_bytes(), path.name, fmt)
+        except BadImage as e:
+            raise BadImage(f"{path}: {e.message}") from e
     if isinstance(image, bytes | bytearray | memoryview):
         return encode_bytes(bytes(image), name, fmt)
     if isinstance(image, Image.Image):
@@ -143,7 +172,7 @@ def image_size(encoded: EncodedImage) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(encoded.data)) as image:
             w, h = image.size
-            orientation = image.getexif().get(0x0112, 1)
+            orientation = image.getexif().get(_ORIENTATION, 1)
     except Exception:
         return None
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
@@ -152,8 +181,6 @@ def image_size(encoded: EncodedImage) -> tuple[int, int] | None:
 def to_pil(image: ImageInput) -> Image.Image:
     """Any accepted input as an upright RGB PIL image (EXIF orientation applied, as the server
     does), for drawing."""
-    from PIL import ImageOps
-
     if isinstance(image, Image.Image):
         pil = image
     elif isinstance(image, np.ndarray):
@@ -164,5 +191,4 @@ def to_pil(image: ImageInput) -> Image.Image:
         pil = Image.open(io.BytesIO(bytes(image)))
     else:
         raise TypeError(f"cannot draw {type(image).__name__}: pass a path, bytes, a PIL image or an array")
-    pil = ImageOps.exif_transpose(pil) or pil
-    return pil.convert("RGB")
+    return upright_rgb(pil).convert("RGB")

@@ -61,6 +61,8 @@ def prototype_overlay(
 ) -> Image.Image:
     """The image with each patch tinted by its prototype's colour, and a legend of the `legend`
     prototypes that cover most patches (id and share of patches)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
     base = _fit(to_pil(image), max_side)
     ids = np.asarray(prototypes.ids, dtype=np.int64)  # (h, w)
     m = max(int(prototypes.num_prototypes), int(ids.max(initial=0)) + 1)
@@ -137,9 +139,28 @@ def correspondence_lines(
     return canvas
 
 
+def image_format(path: str | Path) -> str:
+    """The Pillow format a plot written to `path` gets, from its extension (.png, .jpg, .webp, ...;
+    PNG when there is none); ValueError for an extension Pillow cannot write."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    Image.init()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(
+            f"cannot tell which image format to write from the extension {suffix!r} of {path}: "
+            "use .png, .jpg, .webp, .bmp or .tif"
+        )
+    return fmt
+
+
 def save(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG (creating the folder); returns the path."""
+    """Write the plot in the format its extension names (`image_format`: PNG, JPEG, WebP, ...),
+    creating the folder; returns the path."""
     path = Path(path)
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, "PNG")
+    options = {"quality": 92} if fmt in ("JPEG", "WEBP") else {}
+    image.save(path, fmt, **options)
     return path

@@ -73,7 +73,9 @@ def remove_stale_tmp(dst: Path) -> int:
     return n
 
 
-def _meta(values: dict[str, Any]) -> dict[str, str]:
+def metadata_strings(values: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata (strings only), as the server writes it: strings as they are, anything
+    else JSON (so `read_metadata` gives back the same values)."""
     return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in values.items()}
 
 
@@ -94,7 +96,7 @@ def encode_features(rel: str, e: Embedding) -> bytes:
         "original_size": list(e.original_size),
         "normalized": e.normalized,
     }
-    return save_safetensors(tensors, metadata=_meta(meta))
+    return save_safetensors(tensors, metadata=metadata_strings(meta))
 
 
 def write_features(dst: Path, rel: str, e: Embedding) -> Path:
@@ -186,7 +188,7 @@ class ShardWriter:
             "bundle_sha256": items[0][1].bundle_sha256,
             "normalized": items[0][1].normalized,
         }
-        return save_safetensors(tensors, metadata=_meta(meta))
+        return save_safetensors(tensors, metadata=metadata_strings(meta))
 
 
 def read_shard(path: str | Path) -> list[tuple[str, Embedding]]:

@@ -54,9 +54,38 @@ class DecodeLimits:
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
-def _clean(error: Exception) -> str:
-    """An exception's message without object reprs (`<_io.BytesIO object at 0x...>`)."""
+def clean_message(error: Exception) -> str:
+    """An exception's message without object reprs (`<_io.BytesIO object at 0x...>`), for users."""
     return _OBJECT_REPR.sub("", str(error)) or type(error).__name__
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) an accepted format declares in its header, read by the format's own
+    plugin (which, unlike `Image.open`, applies no decompression-bomb check); None if unknown."""
+    Image.init()
+    for fmt in sorted(ALLOWED_FORMATS):
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is not None and not accept(data[:16]):
+                continue
+            with factory(io.BytesIO(data), "") as image:
+                return image.size
+        except Exception:
+            continue
+    return None
+
+
+def _too_many_pixels(limits: DecodeLimits, size: tuple[int, int] | None) -> ImageDecodeError:
+    if size is None:
+        return ImageDecodeError(
+            f"image declares more pixels than can be decoded safely; the limit is {limits.max_pixels}",
+            ErrorCode.IMAGE_TOO_LARGE,
+        )
+    w, h = size
+    return ImageDecodeError(
+        f"image declares {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}",
+        ErrorCode.IMAGE_TOO_LARGE,
+    )
 
 
 def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
@@ -70,12 +99,12 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
             image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(str(e), ErrorCode.IMAGE_TOO_LARGE) from e
+    except Image.DecompressionBombError as e:  # over Pillow's hard limit: say it with ours
+        raise _too_many_pixels(limits, _declared_size(data)) from e
     except Image.UnidentifiedImageError as e:  # its message holds the BytesIO repr: not for clients
         raise ImageDecodeError("not a decodable image: cannot identify image file") from e
     except Exception as e:  # SyntaxError, struct errors from broken headers
-        raise ImageDecodeError(f"not a decodable image: {_clean(e)}") from e
+        raise ImageDecodeError(f"not a decodable image: {clean_message(e)}") from e
     if image.format not in ALLOWED_FORMATS:
         raise ImageDecodeError(
             f"image format {image.format} is not accepted; send JPEG, PNG or WebP",
@@ -83,10 +112,7 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
         )
     w, h = image.size
     if w * h > limits.max_pixels:
-        raise ImageDecodeError(
-            f"image declares {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}",
-            ErrorCode.IMAGE_TOO_LARGE,
-        )
+        raise _too_many_pixels(limits, (w, h))
     if min(w, h) < limits.min_side:
         raise ImageDecodeError(
             f"image is {w}x{h}; the shorter side must be at least {limits.min_side} pixels"
@@ -94,7 +120,10 @@ def _open(data: bytes, limits: DecodeLimits) -> Image.Image:
     return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as RGB: transparency (RGBA, LA, PA, a palette with a transparent colour) composited
+    over white, 16-bit and float greys scaled to 0..255, any other mode converted. The one rule
+    for both the server's decoding and the SDK's encoding of in-memory images."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -130,11 +159,11 @@ def decode_image(
         image.load()
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
-        return _to_rgb(image), (uh, uw)
+        return to_rgb(image), (uh, uw)
     except ImageDecodeError:
         raise
     except Exception as e:  # truncated data, corrupt chunks, bad palettes
-        raise ImageDecodeError(f"image could not be decoded: {_clean(e)}") from e
+        raise ImageDecodeError(f"image could not be decoded: {clean_message(e)}") from e
 
 
 def load_pixels(

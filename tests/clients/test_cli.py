@@ -199,3 +199,53 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch: pytest.
     monkeypatch.setattr(cli_main, "build_parser", Parser)
     with pytest.raises(BrokenPipeError, match="subprocess"):
         cli_main.main(["models"])  # stdout (pytest's capture) is fine: the error is not swallowed
+
+
+def test_plot_and_save_paths_and_alpha(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors import safe_open
+
+    a = tmp_path / "a.png"
+    Image.fromarray(photo(64, 80, seed=1)).save(a)
+    url = ["--url", server_url]
+    # a plot in the format its extension names
+    assert main(["prototypes", str(a), "--plot", str(tmp_path / "p.jpg"), *url]) == 0
+    assert Image.open(tmp_path / "p.jpg").format == "JPEG"
+    assert main(["correspond", str(a), str(a), "--plot", str(tmp_path / "c.webp"), *url]) == 0
+    assert Image.open(tmp_path / "c.webp").format == "WEBP"
+    capsys.readouterr()
+    assert main(["prototypes", str(a), "--plot", str(tmp_path / "p.xyz"), *url]) == 2
+    assert "extension '.xyz'" in capsys.readouterr().err
+    # places that cannot be written: a clear error, no traceback
+    for argv in (
+        ["prototypes", str(a), "--plot", "/proc/cotap-test.png"],
+        ["prototypes", str(a), "--save", "/proc/cotap-test.st"],
+        ["correspond", str(a), str(a), "--save", "/proc/nope/cotap-test.st"],
+        ["correspond", str(a), str(a), "--plot", "/proc/cotap-test.png"],
+    ):
+        assert main([*argv, *url]) == 2, argv
+        err = capsys.readouterr().err
+        assert "cannot write the" in err and "/proc/" in err, err
+    # --alpha must be an opacity
+    for bad in ("2", "-0.1", "half"):
+        with pytest.raises(SystemExit) as e:
+            main(["prototypes", str(a), "--alpha", bad, *url])
+        assert e.value.code == 2
+        assert "--alpha" in capsys.readouterr().err
+    # --save metadata as the server and the feature store write theirs: strings unquoted
+    assert main(["prototypes", str(a), "--save", str(tmp_path / "p.st"), *url]) == 0
+    assert main(["correspond", str(a), str(a), "--save", str(tmp_path / "c.st"), *url]) == 0
+    with safe_open(str(tmp_path / "p.st"), "numpy") as f:
+        meta = f.metadata()
+    assert meta["model"] == "tiny" and meta["grid"] == "[4,4]" and len(meta["bundle_sha256"]) == 64
+    with safe_open(str(tmp_path / "c.st"), "numpy") as f:
+        meta = f.metadata()
+        assert f.get_tensor("match").shape == (4, 4)
+    assert meta["model"] == "tiny" and json.loads(meta["source_grid"]) == [4, 4]
+
+
+def test_client_commands_refuse_a_wrong_url(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--url", server_url + "/api"]) == 2
+    err = capsys.readouterr().err
+    assert f"{server_url}/api/v1/models answered 404" in err and "does not look like a cotap server" in err

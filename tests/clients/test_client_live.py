@@ -26,6 +26,7 @@ from cotap.client import (
     Embedding,
     InvalidParameters,
     ModelNotFound,
+    NotFound,
     PayloadTooLarge,
     Prototypes,
     Unauthorized,
@@ -251,3 +252,132 @@ def test_async_client_equals_sync(server_url: str) -> None:
     assert np.array_equal(batch.patch, ref.patch) and np.array_equal(batch.cls, ref.cls)
     assert np.array_equal(protos.ids, ref_p.ids)
     assert np.array_equal(corr.match, ref_c.match)
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+def _with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_a_pil_image_is_embedded_upright_like_its_file(server_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(_with_orientation(photo(40, 56, seed=4), 6))  # displayed rotated 90 clockwise
+    stored = np.asarray(Image.open(path))  # the JPEG's pixels as stored (sideways)
+    with Client(server_url) as client:
+        from_file = client.embed(path, dtype="float32")
+        from_pil = client.embed(Image.open(path), dtype="float32")
+        upright = client.embed(np.ascontiguousarray(np.rot90(stored, k=-1)), dtype="float32")
+        sideways = client.embed(stored, dtype="float32")
+    assert from_file.original_size == from_pil.original_size == (56, 40)
+    assert np.array_equal(from_pil.patch, from_file.patch)  # the server's own EXIF handling
+    assert np.array_equal(from_pil.patch, upright.patch)  # the plain reference: rotated by hand
+    assert not np.allclose(from_pil.patch, sideways.patch, atol=1e-2)
+
+
+def test_transparency_is_white_whatever_the_encoding(server_url: str, tmp_path: Path) -> None:
+    rgba = np.dstack([photo(40, 48, seed=2), np.full((40, 48), 255, np.uint8)])
+    rgba[:, :20, 3] = 0  # fully transparent on the left: white, as the server makes it for files
+    composited = rgba[..., :3].copy()
+    composited[:, :20] = 255  # the plain reference
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
+    with Client(server_url, image_format="jpeg") as jpeg_client, Client(server_url) as png_client:
+        as_jpeg = jpeg_client.embed(rgba, dtype="float32")
+        reference_jpeg = jpeg_client.embed(composited, dtype="float32")
+        as_png = png_client.embed(Image.open(tmp_path / "x.png"), dtype="float32")
+        the_file = png_client.embed(tmp_path / "x.png", dtype="float32")
+    assert np.array_equal(as_jpeg.patch, reference_jpeg.patch)
+    assert np.array_equal(as_png.patch, the_file.patch)
+
+
+def test_errors_of_split_calls_name_the_callers_index(server_url: str) -> None:
+    good = jpeg()
+    truncated = good[: len(good) // 3]
+    with Client(server_url, images_per_request=2) as client:
+        with pytest.raises(BadImage) as e:
+            client.embed([good] * 5 + [truncated, good])
+        assert e.value.item == 5 and e.value.message.startswith("image 5: ")
+        with pytest.raises(BadImage) as e:
+            client.correspond([good] * 3, [good, good, truncated])  # one pair per request
+        assert e.value.item == 2 and e.value.message.startswith("pair 2 target: ")
+        sent = client.stats.requests
+        with pytest.raises(BadImage) as e:  # caught before sending: same place, no object repr
+            client.embed([good, good, b"hello"])
+        assert e.value.item == 2 and e.value.message.startswith("image 2: not a readable image")
+        assert "object at 0x" not in str(e.value) and client.stats.requests == sent
+    with Client(server_url) as client, pytest.raises(BadImage) as e:
+        client.correspond([good, b"nope"], [good, good])
+    assert e.value.item == 1 and e.value.message.startswith("pair 1 source: ")
+
+
+@pytest.mark.parametrize("path", ["/api", "/v1"])
+def test_a_wrong_base_url_is_not_an_empty_server(server_url: str, path: str) -> None:
+    url = server_url + path
+    with Client(url) as client:
+        with pytest.raises(NotFound, match="does not look like a cotap server") as e:
+            client.models()
+        assert f"{url}/v1/models answered 404" in e.value.message and e.value.status == 404
+        with pytest.raises(NotFound, match="does not look like a cotap server"):
+            client.embed(jpeg())
+
+    async def main() -> None:
+        async with AsyncClient(url) as client:
+            await client.embed(jpeg())
+
+    with pytest.raises(NotFound, match="does not look like a cotap server"):
+        asyncio.run(main())
+
+
+def test_option_types_reach_the_server(server_url: str) -> None:
+    img = jpeg(seed=8)
+    with Client(server_url) as client:
+        loose = client.embed(img, outputs="cls", dtype=np.float32)
+        strict = client.embed(img, outputs=("cls",), dtype="float32")
+        half = client.embed(img, dtype=np.dtype("float16"))
+        with pytest.raises(InvalidParameters, match="dtype"):
+            client.embed(img, dtype=np.float64)
+    assert loose.patch is None and strict.patch is None
+    assert loose.cls is not None and loose.cls.dtype == np.float32
+    assert np.array_equal(loose.cls, strict.cls)
+    assert half.patch is not None and half.patch.dtype == np.float16
+
+
+def test_progress_bar_for_long_calls(server_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    imgs = images(5)
+    with Client(server_url, images_per_request=2) as client:
+        quiet = client.embed(imgs)
+        assert capsys.readouterr().err == ""
+        shown = client.embed(imgs, progress=True)
+        assert "5/5" in capsys.readouterr().err
+        client.correspond(imgs[:3], imgs[2:], progress=True)
+        assert "3/3" in capsys.readouterr().err
+
+    async def main() -> Any:
+        async with AsyncClient(server_url, images_per_request=2) as client:
+            return await client.prototypes(imgs, progress=True)
+
+    assert len(asyncio.run(main())) == 5 and "5/5" in capsys.readouterr().err
+    assert np.array_equal(quiet.patch, shown.patch)
+
+
+def test_a_jpeg_file_and_its_decoded_pixels_differ_slightly(server_url: str, tmp_path: Path) -> None:
+    """docs/client.md: the server decodes a large JPEG in draft mode (DCT-domain downscaling), so a
+    JPEG sent as a file and the same JPEG decoded here into an array give close, not equal,
+    features; lossless files give equal ones."""
+    big = photo(256, 256, seed=3)
+    Image.fromarray(big).save(tmp_path / "x.jpg", quality=95)
+    Image.fromarray(big).save(tmp_path / "x.png")
+    with Client(server_url) as client:
+        jpeg_file = client.embed(tmp_path / "x.jpg", dtype="float32").patch
+        jpeg_pixels = client.embed(np.asarray(Image.open(tmp_path / "x.jpg")), dtype="float32").patch
+        png_file = client.embed(tmp_path / "x.png", dtype="float32").patch
+        png_pixels = client.embed(big, dtype="float32").patch
+    assert np.array_equal(png_file, png_pixels)
+    assert not np.array_equal(jpeg_file, jpeg_pixels)
+    cos = (jpeg_file * jpeg_pixels).sum(-1) / (
+        np.linalg.norm(jpeg_file, axis=-1) * np.linalg.norm(jpeg_pixels, axis=-1)
+    )
+    assert cos.mean() > 0.9

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cotap.client import Client, read_features
+from cotap.client import Client, Unreachable, read_features
+from cotap.client.retry import RetryPolicy
 from cotap.client.store import feature_path
 from tests.clients.folders import image_folder
-from tests.clients.live import metric
+from tests.clients.live import live_server, metric, slow
 
 
 def _features(dst: Path) -> dict[str, np.ndarray]:
@@ -115,3 +116,63 @@ def test_refuses_to_mix_models(server_url: str, tmp_path: Path) -> None:
             client.embed_folder(src, dst, normalize=True, progress=False)
         redo = client.embed_folder(src, dst, model="varied", overwrite=True, progress=False)
     assert redo.written == 3 and {e.model for _, e in read_features(dst)} == {"varied"}
+
+
+def test_refuses_another_source_folder(server_url: str, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    image_folder(tmp_path / "setA", 3)
+    (tmp_path / "setB").mkdir()
+    for i, name in enumerate(image_folder(tmp_path / "tmpB", 4)):  # other pictures, same names
+        target = tmp_path / "setB" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((tmp_path / "tmpB" / name).read_bytes() if i else b"")
+    with Client(server_url) as client:
+        assert client.embed_folder(tmp_path / "setA", dst, progress=False).ok
+        record = (dst / "embed.json").read_text()
+        before = _features(dst)
+        with pytest.raises(ValueError, match="another source folder") as e:
+            client.embed_folder(tmp_path / "setB", dst, progress=False)
+        assert str((tmp_path / "setA").resolve()) in str(e.value)
+        assert str((tmp_path / "setB").resolve()) in str(e.value)
+        assert (dst / "embed.json").read_text() == record  # untouched
+        after = _features(dst)
+        assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in after)
+        assert client.embed_folder(tmp_path / "setA", dst, progress=False).skipped == 3  # same src: fine
+        redo = client.embed_folder(tmp_path / "setB", dst, overwrite=True, progress=False)
+    assert redo.written == 3 and len(redo.failures) == 1  # the empty file
+    assert str((tmp_path / "setB").resolve()) in (dst / "embed.json").read_text()
+
+
+def test_a_server_gone_mid_run_stops_the_run(tiny_bundle: Path, tmp_path: Path) -> None:
+    """The server stops after 6 images: the run ends with one `Unreachable` that says to rerun (not
+    one failure per remaining image); what was written is kept, and a rerun against a server with
+    the same bundle does the rest."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    image_folder(src, 40)
+    server = live_server(tiny_bundle, hook=slow(0.02))
+    url = server.__enter__()
+    written: list[str] = []
+
+    def stop_server_at_six(rel: str) -> None:
+        written.append(rel)
+        if len(written) == 6:
+            server.__exit__(None, None, None)
+
+    retry = RetryPolicy(base_s=0.01, cap_s=0.05)
+    try:
+        with Client(url, retry=retry) as client, pytest.raises(Unreachable) as e:
+            client.embed_folder(
+                src, dst, images_per_request=2, concurrency=2, progress=False, on_written=stop_server_at_six
+            )
+    finally:
+        if len(written) < 6:
+            server.__exit__(None, None, None)
+    assert "run the same command again to resume" in str(e.value)
+    assert f"of 40 images ({len(written)} written by this run" in str(e.value)
+    kept = {rel for rel, _ in read_features(dst)}
+    assert kept == set(written) and 6 <= len(kept) < 40
+    listed = json.loads((dst / "failures.json").read_text())
+    assert listed["interrupted"] and not [f for f in listed["failures"] if f["code"] == "unreachable"]
+    with live_server(tiny_bundle) as url2, Client(url2) as client:
+        rest = client.embed_folder(src, dst, progress=False)
+    assert rest.ok and rest.skipped == len(kept) and rest.written == 40 - len(kept)

@@ -3,14 +3,16 @@ limits, counted from the server's own metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from cotap.client import Client, QueueFull
+from cotap.client import AsyncClient, Client, QueueFull
 from cotap.client.retry import RetryPolicy
 from tests.clients.live import live_server, metric, slow
 from tests.server.helpers import Gate, jpeg, photo
@@ -131,3 +133,27 @@ def test_retry_after_is_honoured(tiny_bundle: Path, gate: Gate) -> None:
     assert e.patch is not None
     assert waited >= 1.0, f"retried after {waited:.2f} s, before the server's Retry-After of 1 s"
     assert refused.value.status == 429
+
+
+def test_a_split_call_never_holds_more_images_than_the_queue(tiny_bundle: Path) -> None:
+    """max_queue 4: a call of 12 images goes out in requests of 4 (the queue cap), and with
+    max_in_flight=4 still one at a time (3 x 4 in flight would be refused with 429 and retried)."""
+    imgs = [jpeg(seed=i) for i in range(12)]
+    with live_server(tiny_bundle, hook=slow(0.05), max_queue=4, max_batch=4, retry_after_s=0) as url:
+        with Client(url, max_in_flight=4, retry=FAST_RETRY) as client:
+            batch = client.embed(imgs, dtype="float32")
+            assert client.stats.retries == 0
+            reference = [client.embed(x, dtype="float32").patch for x in imgs[:3]]
+
+        async def main() -> Any:
+            async with AsyncClient(url, max_in_flight=4, retry=FAST_RETRY) as client:
+                result = await client.embed(imgs, dtype="float32")
+                assert client.stats.retries == 0
+                return result
+
+        async_batch = asyncio.run(main())
+        assert metric(url, "cotap_errors_total", code="queue_full") == 0
+        assert metric(url, "cotap_requests_total", route="/v1/embed", status="200") == 3 + 3 + 3
+    assert len(batch) == 12 and np.array_equal(batch.patch, async_batch.patch)
+    for got, want in zip(batch.patch[:3], reference, strict=True):
+        assert np.allclose(got, want, atol=1e-4)

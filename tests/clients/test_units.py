@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.numpy import save as save_safetensors
 
-from cotap.client import errors
+from cotap.client import AsyncClient, Client, errors
+from cotap.client.base import dtype_name, encode_all, output_names, pair_inputs
 from cotap.client.chunking import PART_OVERHEAD, body_bytes, plan_chunks
 from cotap.client.info import ServerInfo, ServerLimits
-from cotap.client.inputs import as_list, encode_image, image_size, sniff
+from cotap.client.inputs import as_list, encode_image, image_size, sniff, to_pil
 from cotap.client.protocol import Decoded, correspondences, decode, embeddings, read_metadata
 from cotap.client.results import Correspondence, EmbedBatch, Embedding, patch_centers
 from cotap.client.retry import Attempts, RetryPolicy, retry_after_seconds
@@ -51,6 +52,24 @@ def test_envelope_maps_to_typed_exception(status: int, code: str, cls: type[erro
     assert type(e) is cls
     assert (e.code, e.status, e.request_id, e.item) == (code, status, "r1", 12)
     assert isinstance(e, errors.CotapError) and "r1" in str(e)
+    assert e.message == "image 12: broken"  # the place in the caller's call, as `item` says
+
+
+@pytest.mark.parametrize(
+    ("message", "offset", "item", "expected"),
+    [
+        ("image 13: not a decodable image", 64, 77, "image 77: not a decodable image"),
+        ("pair 1 target: image is 8x8", 30, 31, "pair 31 target: image is 8x8"),
+        ("image 0: x", 0, 0, "image 0: x"),
+        ("images too large", 5, None, "images too large"),  # no place named: untouched
+    ],
+)
+def test_error_message_names_the_callers_index(
+    message: str, offset: int, item: int | None, expected: str
+) -> None:
+    body = json.dumps({"error": {"code": "bad_image", "message": message}}).encode()
+    e = errors.error_from_response(400, body, {}, item_offset=offset)
+    assert (e.item, e.message) == (item, expected)
 
 
 def test_non_envelope_answer_maps_by_status() -> None:
@@ -281,3 +300,129 @@ def test_correspondence_items_carry_grids_and_sizes() -> None:
     (c,) = correspondences(dec, 1)
     assert c.source_grid == (2, 2) and c.target_size == (32, 24)
     assert [tuple(t) for t in c.matches().target] == [(0, 0), (0, 1)]
+
+
+# -- review fixes: inputs as the server sees them ----------------------------------------------------
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _smooth(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 7) * np.cos(y / 5)], -1)
+    return rgb.astype(np.uint8)
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Plain reference: colour * alpha + white * (1 - alpha), in floats."""
+    a = rgba[..., 3:].astype(np.float64) / 255
+    return rgba[..., :3].astype(np.float64) * a + 255.0 * (1 - a)
+
+
+def test_pil_images_are_sent_upright() -> None:
+    """EXIF orientation 6 (display rotated 90 degrees clockwise): the pixels sent are the upright
+    ones, as the server makes them for a file."""
+    pixels = _smooth(24, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", exif=exif.tobytes())
+    stored = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+    upright = np.rot90(stored, k=-1)  # 6 = rotate 90 clockwise to display
+    pil = Image.open(io.BytesIO(buf.getvalue()))
+    assert pil.getexif().get(0x0112) == 6
+    for fmt in ("PNG", "WEBP"):
+        enc = encode_image(pil, fmt)  # type: ignore[arg-type]
+        assert np.array_equal(_decoded(enc.data), upright), fmt
+        assert image_size(enc) == (40, 24)
+    assert np.array_equal(np.asarray(to_pil(pil)), upright)
+
+
+def test_transparency_is_composited_over_white_for_every_format(tmp_path: Path) -> None:
+    rgba = np.dstack([_smooth(32, 48), np.zeros((32, 48), np.uint8)])
+    rgba[:, 24:, 3] = 255  # left half fully transparent, right half opaque
+    rgba[:8, 24:, 3] = 128  # and a half-transparent band
+    reference = _over_white(rgba)
+    for fmt, tolerance in (("PNG", 0.5), ("WEBP", 0.5), ("JPEG", 6.0)):
+        got = _decoded(encode_image(rgba, fmt).data).astype(np.float64)  # type: ignore[arg-type]
+        assert np.abs(got - reference).mean() < tolerance / 3, fmt
+        assert np.abs(got[:, :20] - 255).max() <= tolerance, fmt  # transparent: white, not the colour
+    # a palette image with a transparent colour (a GIF, or a small PNG), in memory and as a file
+    pal = Image.fromarray(_smooth(32, 48)).quantize(16)
+    index = pal.getpixel((0, 0))
+    pal.info["transparency"] = index
+    want = _over_white(np.asarray(pal.convert("RGBA")))
+    assert (np.asarray(pal.convert("RGBA"))[..., 3] == 0).any()
+    pal.save(tmp_path / "x.gif", transparency=index)
+    gif = Image.open(tmp_path / "x.gif")
+    want_gif = _over_white(np.asarray(Image.open(tmp_path / "x.gif").convert("RGBA")))
+    assert (np.asarray(gif.convert("RGBA"))[..., 3] == 0).any()
+    for given_image, reference in ((pal, want), (gif, want_gif), (tmp_path / "x.gif", want_gif)):
+        got = _decoded(encode_image(given_image).data).astype(np.float64)  # type: ignore[arg-type]
+        assert np.abs(got - reference).max() <= 0.5, type(given_image).__name__
+
+
+def test_unreadable_images_name_their_place_without_object_reprs(tmp_path: Path) -> None:
+    good = _png(np.zeros((20, 20, 3), np.uint8))
+    (tmp_path / "bad.jpg").write_bytes(b"no jpeg here")
+    with pytest.raises(errors.BadImage) as e:
+        encode_all([good, good, b"garbage bytes"], "PNG")
+    assert e.value.item == 2
+    assert e.value.message == "image 2: not a readable image (cannot identify image file)"
+    with pytest.raises(errors.BadImage) as e:
+        encode_all([tmp_path / "bad.jpg"], "PNG", "target")
+    assert e.value.item == 0 and "object at 0x" not in str(e.value)
+    assert e.value.message.startswith(f"pair 0 target: {tmp_path / 'bad.jpg'}: not a readable image")
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+def test_image_format_is_checked_when_the_client_is_made(cls: type) -> None:
+    assert cls("http://127.0.0.1:9", image_format="jpeg").image_format == "JPEG"
+    assert cls("http://127.0.0.1:9", image_format="jpg").image_format == "JPEG"
+    assert cls("http://127.0.0.1:9", image_format="WebP").image_format == "WEBP"
+    with pytest.raises(ValueError, match="one of PNG, JPEG, WEBP") as e:
+        cls("http://127.0.0.1:9", image_format="GIF")
+    assert "'GIF'" in str(e.value)
+
+
+def test_option_types_are_normalised() -> None:
+    assert output_names("cls") == ["cls"]
+    assert output_names("patch,cls") == ["patch", "cls"]
+    assert output_names(("patch",)) == ["patch"]
+    assert dtype_name(np.float32) == "float32"
+    assert dtype_name(np.dtype("float16")) == "float16"
+    assert dtype_name("float32") == "float32"
+    assert dtype_name("bfloat17") == "bfloat17"  # unknown names: the server says what it takes
+    assert dtype_name(None) is None
+    with pytest.raises(
+        ValueError, match=r"source is one image but target is a sequence of 1.*correspond\(\[a\], \[b\]\)"
+    ):
+        pair_inputs("a.jpg", ["b.png"])
+    with pytest.raises(ValueError, match="target is one image but source is a sequence of 2"):
+        pair_inputs(["a.jpg", "b.jpg"], "b.png")
+    with pytest.raises(ValueError, match="got 2 sources and 1 targets"):
+        pair_inputs(["a.jpg", "b.jpg"], ["c.jpg"])
+
+
+def test_empty_calls_and_closed_clients_fail_clearly() -> None:
+    client = Client("http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="no images"):
+        client.embed([])
+    with pytest.raises(ValueError, match="no images"):
+        client.prototypes(np.zeros((0, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="no pairs"):
+        client.correspond([], [])
+    assert client.stats.requests == 0  # refused before anything was sent
+    client.close()
+    for call in (lambda: client.embed(np.zeros((8, 8, 3), np.uint8)), client.models, client.health):
+        with pytest.raises(RuntimeError, match="client is closed"):
+            call()
+
+
+def test_requests_in_flight_never_exceed_the_queue() -> None:
+    limits = ServerLimits(max_queue=256)
+    assert limits.requests_in_flight(4, 64) == 4
+    assert limits.requests_in_flight(8, 64) == 4
+    assert ServerLimits(max_queue=5).requests_in_flight(4, 5) == 1
+    assert ServerLimits(max_queue=10).requests_in_flight(4, 3) == 3
+    assert ServerLimits(max_queue=2).requests_in_flight(4, 8) == 1  # never 0

@@ -12,8 +12,10 @@ from cotap.core.images import (
     MAX_DECODABLE_PIXELS,
     DecodeLimits,
     ImageDecodeError,
+    clean_message,
     decode_image,
     load_pixels,
+    to_rgb,
 )
 from cotap.core.preprocess import PreprocessConfig
 from cotap.core.wire import ErrorCode
@@ -160,3 +162,66 @@ def test_byte_limit() -> None:
     with pytest.raises(ImageDecodeError) as e:
         decode_image(_encode(_rgb(), "PNG"), DecodeLimits(max_bytes=100))
     assert e.value.code == ErrorCode.IMAGE_TOO_LARGE
+
+
+def _jpeg_declaring(w: int, h: int) -> bytes:
+    """A small JPEG whose frame header claims w x h."""
+    data = bytearray(_encode(_rgb(16, 16), "JPEG"))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (_png_header_only(50_000, 50_000), "50000x50000 = 2500000000"),
+        (_jpeg_declaring(60_000, 30_000), "60000x30000 = 1800000000"),
+    ],
+)
+def test_over_pillows_hard_limit_names_our_limit(data: bytes, size: str) -> None:
+    # past 2 x Pillow's MAX_IMAGE_PIXELS, Pillow refuses to open the image at all; the message is
+    # still ours, with the declared size and the configured max_pixels
+    assert int(size.split(" = ")[1]) > MAX_DECODABLE_PIXELS
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(data, DecodeLimits(max_pixels=12_345_678))
+    assert e.value.code == ErrorCode.IMAGE_TOO_LARGE
+    assert str(e.value) == f"image declares {size} pixels; the limit is 12345678"
+    assert "bomb" not in str(e.value)
+
+
+def _composite_over_white(rgba: np.ndarray) -> np.ndarray:
+    """The plain reference: a over white, per channel, in floats."""
+    a = rgba[..., 3:].astype(np.float64) / 255
+    return rgba[..., :3].astype(np.float64) * a + 255 * (1 - a)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_to_rgb_composites_transparency_over_white(mode: str) -> None:
+    rng = np.random.default_rng(4)
+    rgba = rng.integers(0, 256, (12, 10, 4), dtype=np.uint8)
+    if mode == "RGBA":
+        image = Image.fromarray(rgba, "RGBA")
+    elif mode == "LA":
+        image = Image.fromarray(rgba, "RGBA").convert("LA")
+        la = np.asarray(image)
+        rgba = np.dstack([la[..., 0]] * 3 + [la[..., 1]])
+    else:  # a palette image with one transparent colour, as GIFs and small PNGs have
+        rgba[..., 3] = 255
+        rgba[:6, :, :3] = (10, 200, 30)
+        image = Image.fromarray(rgba[..., :3], "RGB").quantize(8)
+        index = image.getpixel((0, 0))
+        image.info["transparency"] = index
+        rgba = np.asarray(image.convert("RGBA"))
+        assert (rgba[:6, :, 3] == 0).all()
+    out = to_rgb(image)
+    assert out.mode == "RGB"
+    assert np.abs(np.asarray(out).astype(np.float64) - _composite_over_white(rgba)).max() <= 1.0
+
+
+def test_clean_message_drops_object_reprs() -> None:
+    try:
+        Image.open(io.BytesIO(b"not an image"))
+    except Exception as e:
+        assert "object at 0x" in str(e)
+        assert clean_message(e) == "cannot identify image file"
