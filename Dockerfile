@@ -19,20 +19,24 @@ WORKDIR /opt/cotap
 RUN if [ -n "$TORCH_INDEX" ]; then pip install -q torch==2.13.0 --index-url "$TORCH_INDEX"; \
     else pip install -q torch==2.13.0; fi
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY core core
 COPY training training
 COPY export export
 COPY server server
 COPY clients clients
 COPY cli cli
-RUN pip install -q '.[serve,train]' && cotap --version
+# the versions CI tested and pip-audit checked (requirements.lock), not whatever is newest today
+RUN pip install -q -c requirements.lock '.[serve,train]' && cotap --version
 
 RUN useradd --create-home --uid 10001 cotap
 USER cotap
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
-    CMD python -c "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status == 200 else 1)"
-# SIGTERM drains (stop admitting, finish in-flight, exit 0) within COTAP_DRAIN_TIMEOUT_S.
+    CMD python -c "import os, sys, urllib.request; port = os.environ.get('COTAP_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health/ready', timeout=2).status == 200 else 1)"
+# SIGTERM drains (stop admitting, finish in-flight, exit 0) within COTAP_DRAIN_TIMEOUT_S (30 s) + ~1 s.
+# Give the container longer than that before SIGKILL: `docker stop -t 40` (docker's default is
+# 10 s), compose's stop_grace_period (40 s in docker-compose.yml), Kubernetes'
+# terminationGracePeriodSeconds (default 30 s: raise it, or lower COTAP_DRAIN_TIMEOUT_S).
 STOPSIGNAL SIGTERM
 CMD ["cotap", "serve"]

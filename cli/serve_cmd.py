@@ -5,6 +5,11 @@ default (`server/default_model/`, see its MODEL_CARD.md)."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
+import socket
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 from cotap.cli.common import CLIError, require
@@ -72,6 +77,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+CLIENT_ENV = {"COTAP_URL"}  # read by the SDK and the client commands, not by the server
+
+
+def warn_unknown_env(prefix: str, fields: set[str], environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Say on stderr which `prefix`-ed environment variables the server does not know (a typo in
+    one would otherwise be ignored in silence), with the nearest setting; returns the warnings."""
+    known = {f"{prefix}{f.upper()}" for f in fields}
+    out = []
+    for var in sorted(environ):
+        if var.startswith(prefix) and var not in known and var not in CLIENT_ENV:
+            near = difflib.get_close_matches(var, sorted(known), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            out.append(f"warning: ignoring {var}: not a server setting{hint}")
+    for line in out:
+        print(line, file=sys.stderr)
+    return out
+
+
 def settings_from_args(args: argparse.Namespace) -> Any:
     """The server Settings: environment first, then the flags given on the command line."""
     require("fastapi", "serve")
@@ -81,17 +104,46 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from cotap.server.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    warn_unknown_env(prefix, set(Settings.model_fields))
+
+    def where(err: Any) -> str:  # the flag when one was given, else the environment variable
+        if not err["loc"]:
+            return "settings"
+        name = str(err["loc"][0])
+        return flag_name(name) if name in given else f"{prefix}{name.upper()}"
+
     try:
         return Settings(**given)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{flag_name(str(err['loc'][0])) if err['loc'] else ''}: {err['msg']}" for err in e.errors()
-        )
+        problems = "; ".join(f"{where(err)}: {err['msg']}" for err in e.errors())
         raise CLIError(f"bad server settings: {problems}") from e
+
+
+def listen_error(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (None when it can), found before any model is loaded
+    so that a port already in use fails in a moment, not after minutes of loading."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        return f"cannot resolve host {host!r}: {e}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    error = listen_error(settings.host, settings.port)
+    if error is not None:  # here, not in the server: the server imports no socket library (SSRF)
+        raise CLIError(error)
     from cotap.server.runner import serve
 
     return serve(settings)

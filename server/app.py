@@ -6,16 +6,19 @@ background; /health/ready turns 200 only when that is done, and 503 again while 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 
 from cotap.core.version import __version__
-from cotap.core.wire import BUNDLE_HASH_HEADER, MODEL_HEADER, REQUEST_ID_HEADER, TIMING_HEADERS
-from cotap.server.errors import document_errors, install_error_handlers
+from cotap.core.wire import BUNDLE_HASH_HEADER, MODEL_HEADER, REQUEST_ID_HEADER, TIMING_HEADERS, ErrorCode
+from cotap.server.errors import document_errors, error_response, install_error_handlers
 from cotap.server.middleware import RequestContextMiddleware
 from cotap.server.registry import BackendHook
 from cotap.server.routes import ROUTERS
@@ -59,16 +62,44 @@ def create_app(settings: Settings | None = None, *, backend_hook: BackendHook | 
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(RequestContextMiddleware, state=state)
+    routes = [(r.path_regex, r.path) for router in ROUTERS for r in router.routes if hasattr(r, "path_regex")]
+    app.add_middleware(RequestContextMiddleware, state=state, routes=routes)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            EnvelopeCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept", REQUEST_ID_HEADER],
-            expose_headers=[REQUEST_ID_HEADER, MODEL_HEADER, BUNDLE_HASH_HEADER, *TIMING_HEADERS.values()],
+            expose_headers=[
+                REQUEST_ID_HEADER,
+                MODEL_HEADER,
+                BUNDLE_HASH_HEADER,
+                *TIMING_HEADERS.values(),
+                "Retry-After",  # not CORS-safelisted: pages could not see when to retry a 429/503
+            ],
         )
     return app
+
+
+class EnvelopeCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered in the error envelope rather
+    than as plain text. It is the outermost layer (so that 401s carry CORS headers): a refused
+    preflight gets a request id of its own here, and is neither logged nor counted."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        reason = bytes(response.body).decode(errors="replace")
+        request_id = uuid.uuid4().hex
+        headers = {k: v for k, v in response.headers.items() if k.startswith("access-control-")}
+        return error_response(
+            ErrorCode.INVALID_PARAMETERS,
+            f"CORS preflight refused: {reason}",
+            request_id,
+            status=response.status_code,
+            headers={**headers, REQUEST_ID_HEADER: request_id},
+        )
 
 
 def _complete_openapi(app: FastAPI, bearer: bool) -> None:

@@ -227,8 +227,37 @@ class Result:
     metadata: dict[str, Any]
 
 
+def _accept_quality(accept: str, media_type: str) -> float:
+    """The q-value `accept` gives `media_type` (0 when it does not accept it): the most specific
+    matching range decides (RFC 9110 §12.5.1), `type/*` over `*/*`."""
+    best_rank, best_q = -1, 0.0
+    main = media_type.split("/", 1)[0]
+    for item in accept.split(","):
+        rng, *params = (p.strip() for p in item.split(";"))
+        rng = rng.lower()
+        rank = {media_type: 2, f"{main}/*": 1, "*/*": 0}.get(rng, -1)
+        if rank <= best_rank:
+            continue
+        q = 1.0
+        for p in params:
+            name, _, value = p.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    q = 0.0
+        best_rank, best_q = rank, q
+    return best_q
+
+
 def wants_binary(request: Request) -> bool:
-    return SAFETENSORS_MEDIA_TYPE in request.headers.get("accept", "")
+    """Whether to answer in safetensors: asked for by name, with a q-value above 0 and not below
+    JSON's (`Accept: application/x-safetensors;q=0, application/json` gets JSON)."""
+    accept = request.headers.get("accept", "")
+    if SAFETENSORS_MEDIA_TYPE not in accept.lower():
+        return False
+    binary = _accept_quality(accept, SAFETENSORS_MEDIA_TYPE)
+    return binary > 0 and binary >= _accept_quality(accept, "application/json")
 
 
 def _meta_strings(metadata: dict[str, Any]) -> dict[str, str]:

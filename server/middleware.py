@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,9 +28,14 @@ _PUBLIC_DOCS = ("/openapi.json", "/docs")
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    def __init__(
+        self, app: ASGIApp, state: ServerState, routes: Sequence[tuple[re.Pattern[str], str]] = ()
+    ) -> None:
+        """`routes`: (path regex, template) of the app's routes, to label the metrics of requests
+        refused before routing (by the API key check) with the route they were for."""
         self.app = app
         self.state = state
+        self._routes = list(routes)
         key = state.settings.api_key
         self._key = key.get_secret_value().encode() if key is not None else None
 
@@ -105,14 +111,15 @@ class RequestContextMiddleware:
     def _record(
         self, scope: Scope, ctx: dict, rid: str, path: str, status: int, seconds: float, inference: bool
     ) -> None:
-        route = scope.get("route")
-        label = getattr(route, "path", None) or "unmatched"
+        label = getattr(scope.get("route"), "path", None) or next(
+            (template for regex, template in self._routes if regex.match(path)), "unmatched"
+        )
         m = self.state.metrics
         m.requests.labels(label, str(status)).inc()
         code = ctx.get("error_code")
         if code:
             m.errors.labels(label, code).inc()
-        if inference:
+        if inference and status == 200:  # as the other stages: refusals would pull latencies down
             m.stage_seconds.labels("total").observe(seconds)
         fields = {
             "request_id": rid,

@@ -4,7 +4,9 @@ JSON body (or multipart text fields) may carry instead. One pydantic model per r
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -22,6 +24,13 @@ class CommonOptions(BaseModel):
         None,
         description="float output dtype: float16 (the default for safetensors) or float32 (JSON default)",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("model is empty: name a served model, or leave the option out for the default")
+        return v
 
 
 class EmbedOptions(CommonOptions):
@@ -59,6 +68,23 @@ class CorrespondOptions(CommonOptions):
 
 
 OptionsT = TypeVar("OptionsT", bound=CommonOptions)
+
+
+def check_repeats(cls: type[CommonOptions], items: Iterable[tuple[str, str]]) -> None:
+    """422 for a single-valued option given more than once in the query (`?top_k=1&top_k=2`):
+    taking one of them silently would answer a question the client did not ask. List options
+    (`outputs`) may repeat."""
+    counts = Counter(k for k, _ in items)
+    repeated = sorted(
+        k
+        for k, n in counts.items()
+        if n > 1 and k in cls.model_fields and get_origin(cls.model_fields[k].annotation) is not list
+    )
+    if repeated:
+        raise ServerError(
+            ErrorCode.INVALID_PARAMETERS,
+            f"{', '.join(repeated)} given more than once in the query; give it once",
+        )
 
 
 def merge_options(cls: type[OptionsT], query: OptionsT, body: dict[str, Any]) -> OptionsT:

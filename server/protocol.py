@@ -17,8 +17,12 @@ import asyncio
 import uuid
 from typing import Any
 
-from cotap.core.wire import ERROR_MEDIA_TYPE, ErrorCode
+from cotap.core.wire import ERROR_MEDIA_TYPE, REQUEST_ID_HEADER, ErrorCode
 from cotap.server.errors import envelope_bytes
+
+
+class _HeadersTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request already refused with 431."""
 
 
 def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
@@ -33,16 +37,20 @@ def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
     class BoundedHeadersProtocol(HttpToolsProtocol):
         """Refuses (431) a request whose line and headers exceed `max_header_bytes`.
 
-        Only reads that end with the headers still incomplete are counted, and not the read in
-        which the request began (its start may hold the end of an earlier pipelined request), so
-        no request under the limit is ever refused; one over it is held to the limit plus one read.
+        Two counts, either of which refuses: the request line and headers as the parser hands
+        them over (exact, whatever reads they came in), and, for headers still incomplete, the
+        bytes of every read after the one in which the request began (that read's start may hold
+        the end of an earlier pipelined request), so a header that never ends is held to the
+        limit plus one read. No request under the limit is ever refused.
         """
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._in_head = False  # a request has begun and its headers are not complete
             self._began_in_read = False
-            self._head_bytes = 0
+            self._head_bytes = 0  # bytes of reads while the headers were incomplete
+            self._parsed_bytes = 0  # request line and headers as parsed
+            self._refused = False
             self._head_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -58,7 +66,26 @@ def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
             self._in_head = True
             self._began_in_read = True
             self._head_bytes = 0
+            self._parsed_bytes = 0
             self._arm()
+
+        def on_url(self, url: bytes) -> None:
+            self._count_parsed(len(url) + len("GET  HTTP/1.1\r\n"))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_parsed(len(name) + len(value) + len(": \r\n"))
+            super().on_header(name, value)
+
+        def _count_parsed(self, n: int) -> None:
+            self._parsed_bytes += n
+            if self._parsed_bytes > max_header_bytes:
+                self._refuse()
+                raise _HeadersTooLarge()  # uvicorn sees a parser error; `send_400_response` stays quiet
+
+        def send_400_response(self, msg: str) -> None:
+            if not self._refused:  # a refused request has its answer (431) already
+                super().send_400_response(msg)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -98,6 +125,7 @@ def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
                 self._refuse()
 
         def _refuse(self) -> None:
+            self._refused = True
             self.logger.warning("request headers over %d bytes refused (431)", max_header_bytes)
             self._answer(
                 "431 Request Header Fields Too Large",
@@ -107,11 +135,12 @@ def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
 
         def _answer(self, status: str, code: ErrorCode, message: str) -> None:
             """Answer with the envelope and close: the request never reached the app."""
-            body = envelope_bytes(code, message, uuid.uuid4().hex)
+            request_id = uuid.uuid4().hex
+            body = envelope_bytes(code, message, request_id)
             head = (
                 f"HTTP/1.1 {status}\r\n"
                 f"content-type: {ERROR_MEDIA_TYPE}\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\n\r\n"
+                f"{REQUEST_ID_HEADER}: {request_id}\r\nconnection: close\r\n\r\n"
             )
             self.transport.write(head.encode("ascii") + body)
             self.transport.close()

@@ -16,7 +16,7 @@ from cotap.core.bundle import Bundle, read_bundle
 from cotap.core.images import DecodeLimits
 from cotap.core.preprocess import PreprocessConfig
 from cotap.server.backends import Backend, BackendOptions, build_backend
-from cotap.server.settings import Settings
+from cotap.server.settings import Settings, model_name_error
 
 log = logging.getLogger("cotap.server.registry")
 
@@ -64,6 +64,10 @@ def load_model(
 ) -> ServedModel:
     """Read and verify one bundle, build its backend and warm it."""
     bundle = read_bundle(path)
+    served = name or bundle.config.name
+    error = model_name_error(served)
+    if error is not None:
+        raise ValueError(f"bundle {bundle.path}: {error}")
     options = BackendOptions(
         device=settings.device, precision=settings.precision, intra_op_threads=settings.intra_op_threads
     )
@@ -71,7 +75,7 @@ def load_model(
     if hook is not None:
         backend = hook(backend)
     max_batch = min(settings.max_batch, backend.max_batch or settings.max_batch)
-    model = ServedModel(name or bundle.config.name, bundle, backend, max_batch)
+    model = ServedModel(served, bundle, backend, max_batch)
     for w in backend.warnings:
         log.warning(w, extra={"fields": {"model": model.name}})
     if settings.warmup:

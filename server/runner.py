@@ -62,7 +62,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> int:
-    """Run until drained after SIGTERM/SIGINT (0) or until the models fail to load (1)."""
+    """Run until drained after SIGTERM/SIGINT (0), or exit 1: the server cannot start (the address
+    cannot be listened on) or the models fail to load."""
     configure_logging(settings.log_level)
     log.info("settings", extra={"fields": {"settings": settings.public_dict()}})
     app = create_app(settings)
@@ -91,7 +92,12 @@ def serve(settings: Settings) -> int:
         server.should_exit = True
 
     state.on_fatal = fatal
-    server.run()
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits 3 when it cannot start (a bind lost to a race)
+        if e.code in (0, None):
+            raise
+        return 1
     if exit_code == 0 and not server.started:
         exit_code = 1  # could not bind the port, or the lifespan failed
     return exit_code

@@ -58,6 +58,7 @@ class Job:
     remaining: int = 0
     done: bool = False
     cancelled: bool = False
+    cancel_reason: str = "cancelled"  # the `reason` label of its dropped images: cancelled | deadline
     on_done: Callable[[], None] | None = None  # set by the scheduler: one fewer active job
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -65,8 +66,10 @@ class Job:
         self.slots = [None] * len(self.images)
         self.remaining = len(self.images)
 
-    def cancel(self) -> None:
-        """The client is gone or stopped waiting: drop whatever has not run."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """The client is gone ("cancelled") or its deadline passed while it waited ("deadline"):
+        drop whatever has not run, counted under `reason`."""
+        self.cancel_reason = reason
         self.cancelled = True
 
     def alive(self, now: float) -> bool:
@@ -250,7 +253,7 @@ class Scheduler:
                     continue
                 self._depth -= 1
                 if job.cancelled:
-                    self.metrics.dropped.labels("cancelled").inc()
+                    self.metrics.dropped.labels(job.cancel_reason).inc()
                     job.fail(ServerError(ErrorCode.DEADLINE_EXCEEDED, "cancelled before it ran"))
                 elif not job.done:
                     self.metrics.dropped.labels("deadline").inc()

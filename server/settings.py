@@ -5,6 +5,7 @@ by `GET /v1/models`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,24 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
 Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
+
+
+# A served model's name travels in the `model` option and the `X-Model` header: HTTP header values
+# are Latin-1 at best, and a name that needs URL escaping is a trap; the same characters as model
+# names elsewhere (Triton, Hugging Face repos).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# RFC 6750 bearer token characters: what an `Authorization: Bearer` header can carry unchanged.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
+def model_name_error(name: str) -> str | None:
+    """Why `name` cannot name a served model (None when it can)."""
+    if MODEL_NAME.fullmatch(name):
+        return None
+    return (
+        f"model name {name!r} is not usable: use 1-128 ASCII letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit (give one with NAME=PATH)"
+    )
 
 
 def _split_commas(value: Any) -> Any:
@@ -134,12 +153,26 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, v: Any) -> Any:
         return None if v in ("", None) else v
 
+    @field_validator("api_key")
+    @classmethod
+    def _bearer_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not BEARER_TOKEN.fullmatch(v.get_secret_value()):
+            raise ValueError(
+                "the API key must be a bearer token: ASCII letters, digits and -._~+/ (then '=' "
+                "padding), so that clients can send it in an Authorization header unchanged"
+            )
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         for spec in self.models:
             name, _ = parse_model_spec(spec)
             if name is not None and not name:
                 raise ValueError(f"model spec {spec!r} has an empty name")
+            if name:
+                error = model_name_error(name)
+                if error is not None:
+                    raise ValueError(error)
         names = [n for n, _ in (parse_model_spec(s) for s in self.models) if n]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

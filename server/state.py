@@ -74,7 +74,7 @@ class ServerState:
         self.metrics.ready.set(1 if self.ready else 0)
         self._ready_event.set()
         log.info(
-            "ready",
+            "ready" if self.ready else "models loaded while draining: not ready",
             extra={"fields": {"models": list(models), "load_s": round(time.monotonic() - t0, 3)}},
         )
 

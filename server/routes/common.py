@@ -33,7 +33,7 @@ from cotap.server.codecs import (
     wants_binary,
 )
 from cotap.server.errors import ServerError
-from cotap.server.options import OptionsT, merge_options
+from cotap.server.options import OptionsT, check_repeats, merge_options
 from cotap.server.registry import ServedModel
 from cotap.server.scheduler import Finish, Job
 from cotap.server.state import ServerState
@@ -131,7 +131,7 @@ async def _wait(job: Job, request: Request, deadline_ms: int) -> Any:
         watcher.cancel()
     if job.future in done:
         return job.future.result()
-    job.cancel()
+    job.cancel("cancelled" if watcher in done else "deadline")
     job.future.cancel()
     if watcher in done:
         raise ClientGone()
@@ -186,6 +186,7 @@ async def run_inference(
     scheduler = state.scheduler
     scheduler.expect()
     try:
+        check_repeats(options_cls, request.query_params.multi_items())
         scheduler.check_room(1)  # a full queue refuses before the body is read or parsed
         body = await _receive(state, request)
         payload = await parse_payload(

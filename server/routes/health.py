@@ -1,5 +1,6 @@
 """GET /health/live (the process answers) and GET /health/ready (every model loaded and warmed, and
-not draining; 503 otherwise). Neither needs the API key."""
+not draining; 503 otherwise). Neither needs the API key; both answer HEAD too (probes that only
+look at the status)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ async def live() -> dict[str, Any]:
     return {"status": "live"}
 
 
+@router.head("/health/live", include_in_schema=False)
+async def live_head() -> dict[str, Any]:
+    return await live()
+
+
 @router.get("/health/ready", summary="Models loaded and warmed; 503 while starting or draining")
 async def ready(request: Request) -> JSONResponse:
     state = server_state(request)
@@ -33,3 +39,8 @@ async def ready(request: Request) -> JSONResponse:
     if state.load_error:
         body["error"] = state.load_error
     return JSONResponse(body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+@router.head("/health/ready", include_in_schema=False)
+async def ready_head(request: Request) -> JSONResponse:
+    return await ready(request)

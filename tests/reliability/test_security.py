@@ -380,6 +380,13 @@ def test_request_headers_are_bounded(bench: ModuleType, tiny_bundle: Path, tmp_p
                     s.sendall(b"a" * 10_000)
             over = s.recv(65536)
         assert over.startswith(b"HTTP/1.1 431") and b"16384 bytes (max_header_bytes)" in over, over[:300]
+        rid = json.loads(over.split(b"\r\n\r\n", 1)[1])["error"]["request_id"]
+        assert f"x-request-id: {rid}".encode() in over  # the header as well as the body, as elsewhere
+        # a whole 20 KB request in one read: counted as parsed, refused all the same
+        one_read = _raw(port, head + b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+        assert one_read.startswith(b"HTTP/1.1 431") and one_read.count(b"HTTP/1.1") == 1, one_read[:300]
+        many = _raw(port, head + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 100) for i in range(200)) + b"\r\n")
+        assert many.startswith(b"HTTP/1.1 431"), many[:300]  # 200 headers of 100 bytes: 21 KB in all
         statuses = {}
         for name, payload in {
             "one 300 KB header": head + b"X-Big: " + b"a" * 300_000 + b"\r\n\r\n",

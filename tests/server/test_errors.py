@@ -13,7 +13,7 @@ import numpy as np
 
 from cotap.core.wire import REQUEST_ID_HEADER, SAFETENSORS_MEDIA_TYPE
 from cotap.server.backends.base import Backend
-from tests.server.helpers import Gate, encode, jpeg, photo, run, running, settings_for
+from tests.server.helpers import Gate, encode, jpeg, metric, photo, run, running, settings_for
 
 
 def parts(field: str, images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -129,6 +129,24 @@ def test_4xx_statuses(tiny_bundle: Path) -> None:
                 "invalid_parameters",
             )
             envelope(await c.get("/v1/embed"), 405, "invalid_parameters")
+            # an option given twice in the query, or an empty model name: never silently one of them
+            msg = envelope(
+                await c.post("/v1/prototypes?top_k=1&top_k=2", files=parts("image", [jpeg()])),
+                422,
+                "invalid_parameters",
+            )
+            assert "top_k given more than once" in msg
+            envelope(
+                await c.post("/v1/embed?model=tiny&model=tiny", files=parts("image", [jpeg()])),
+                422,
+                "invalid_parameters",
+            )
+            msg = envelope(
+                await c.post("/v1/embed?model=", files=parts("image", [jpeg()])), 422, "invalid_parameters"
+            )
+            assert "model is empty" in msg
+            ok = await c.post("/v1/embed?outputs=cls&outputs=patch", files=parts("image", [jpeg()]))
+            assert ok.status_code == 200  # a list option may repeat
 
     run(body())
 
@@ -210,11 +228,19 @@ def test_401_api_key(tiny_bundle: Path) -> None:
             assert (await c.get("/docs")).status_code == 200
             assert (await c.get("/health/ready")).status_code == 200
             assert (await c.get("/health/live")).status_code == 200
+            assert (await c.head("/health/live")).status_code == 200  # probes that send HEAD
+            assert (await c.head("/health/ready")).status_code == 200
             ok = await c.post(
                 "/v1/embed", files=parts("image", [jpeg()]), headers={"authorization": "Bearer s3cret"}
             )
             assert ok.status_code == 200
-            assert (await c.get("/metrics", headers={"authorization": "Bearer s3cret"})).status_code == 200
+            scrape = await c.get("/metrics", headers={"authorization": "Bearer s3cret"})
+            assert scrape.status_code == 200
+            # refused before routing, still counted under its route; only answered work times "total"
+            text = scrape.text
+            assert metric(text, "cotap_requests_total", route="/v1/embed", status="401") == 1
+            assert metric(text, "cotap_requests_total", route="unmatched", status="401") == 0
+            assert metric(text, "cotap_stage_seconds_count", stage="total") == 1
 
     run(body())
 
@@ -386,10 +412,17 @@ def test_cors_preflight_and_headers_on_errors(tiny_bundle: Path) -> None:
                 headers={"origin": origin, "authorization": "Bearer k"},
             )
             assert ok.status_code == 200
-            assert "x-inference-time-ms" in ok.headers["access-control-expose-headers"]
+            exposed = ok.headers["access-control-expose-headers"].lower()
+            assert "x-inference-time-ms" in exposed and "retry-after" in exposed  # for 429/503 in pages
             other = await c.post(
                 "/v1/embed", files=parts("image", [jpeg()]), headers={"origin": "https://evil.example"}
             )
             assert "access-control-allow-origin" not in other.headers
+            refused = await c.options(
+                "/v1/embed",
+                headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+            )
+            msg = envelope(refused, 400, "invalid_parameters")
+            assert "CORS preflight refused" in msg and "origin" in msg.lower()
 
     run(body())

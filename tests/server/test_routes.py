@@ -415,6 +415,30 @@ def test_png_and_webp_are_accepted(tiny_bundle: Path, fmt: str) -> None:
     run(body())
 
 
+@pytest.mark.parametrize(
+    ("accept", "binary"),
+    [
+        (SAFETENSORS_MEDIA_TYPE, True),
+        (f"{SAFETENSORS_MEDIA_TYPE}, */*;q=0.1", True),
+        (f"application/json, {SAFETENSORS_MEDIA_TYPE};q=0.9", False),  # JSON preferred
+        (f"{SAFETENSORS_MEDIA_TYPE};q=0, application/json", False),  # explicitly not acceptable
+        (f"{SAFETENSORS_MEDIA_TYPE};q=0.5, application/*;q=0.4", True),
+        ("application/*", False),  # binary only when asked for by name
+        ("", False),
+    ],
+)
+def test_accept_q_values_choose_the_answer(tiny_bundle: Path, accept: str, binary: bool) -> None:
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle)) as (_, c):
+            headers = {"accept": accept} if accept else {}
+            r = await c.post("/v1/embed?outputs=cls", files=parts("image", [jpeg()]), headers=headers)
+            assert r.status_code == 200, r.text
+            want = SAFETENSORS_MEDIA_TYPE if binary else "application/json"
+            assert r.headers["content-type"].startswith(want), (accept, r.headers["content-type"])
+
+    run(body())
+
+
 def test_web_page_is_served_without_the_api_key(tiny_bundle: Path) -> None:
     from cotap.server.settings import DEFAULT_MODEL_DIR
 

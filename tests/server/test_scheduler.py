@@ -112,7 +112,8 @@ def test_deadline_answers_504_and_drops_the_work(tiny_bundle: Path, gate: Gate) 
             assert ok.status_code == 200
             assert gate.batches == [1, 1]  # the late request's two images never ran
             text = (await c.get("/metrics")).text
-            assert metric(text, "cotap_dropped_images_total", reason="cancelled") == 2
+            assert metric(text, "cotap_dropped_images_total", reason="deadline") == 2
+            assert metric(text, "cotap_dropped_images_total", reason="cancelled") == 0  # not a disconnect
 
     run(body())
 

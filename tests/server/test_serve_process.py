@@ -133,3 +133,22 @@ def test_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert b"bundle directory not found" in proc.stderr
+
+
+def test_serve_exits_2_at_once_when_the_port_is_taken(tiny_bundle: Path) -> None:
+    """Refused before any model loads (a big model would otherwise load for minutes first), with
+    exit 2 and one line, like a bad setting."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        command = ["serve", "--model", f"tiny={tiny_bundle}", "--port", str(port)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "cotap.cli.main", *command],
+            capture_output=True,
+            timeout=60,
+        )
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert f"cotap: error: cannot listen on 127.0.0.1:{port}".encode() in proc.stderr
+    assert b"model loaded" not in proc.stderr and time.monotonic() - t0 < 30
