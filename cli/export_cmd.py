@@ -5,9 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from cotap.cli.common import CLIError, parse_size, parse_sizes, require
+
+_TARGETS_HELP = "configs/targets.yaml of the cotap source tree, wherever the command runs"
+
+# Python parameter names in library messages, as the command line spells them.
+_CLI_NAMES = (
+    ("pass arch= explicitly", "pass --arch explicitly"),
+    ("pass overwrite=True", "pass --overwrite"),
+    ("pass --overwrite (overwrite=True)", "pass --overwrite"),
+    ("pass --force, force=True in Python,", "pass --force"),
+)
+
+
+def _cli_message(e: BaseException) -> str:
+    msg = str(e)
+    for python, flag in _CLI_NAMES:
+        msg = msg.replace(python, flag)
+    return msg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,16 +39,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model.safetensors, manifest.json) that `cotap serve` loads.",
     )
     b.add_argument("--checkpoint", required=True, help="checkpoint file or bundle directory")
-    b.add_argument("--arch", help="registry name such as cotap_vits16 (inferred from shapes if omitted)")
+    b.add_argument(
+        "--arch",
+        help="registry name such as cotap_vits16; by default the one the checkpoint records, or inferred "
+        "from its shapes. Refused if it does not describe the checkpoint's model",
+    )
     b.add_argument("--out", required=True, help="output bundle directory")
-    b.add_argument("--which", choices=["student", "teacher"], help="for files holding both")
+    b.add_argument(
+        "--which",
+        choices=["student", "teacher"],
+        help="for files holding both (default: the teacher for cotap and DINO checkpoints, the student "
+        "for the official release); refused for files holding one model and for bundles",
+    )
     b.add_argument("--name", help="model name served by the server (default: the directory name)")
-    b.add_argument("--size", type=parse_size, default=(224, 224), help="fixed input size, 224 or HxW")
+    b.add_argument(
+        "--size",
+        type=parse_size,
+        help="input size, 224 or HxW (default: the model's own img_size, the size it was trained at, "
+        "e.g. 64 for cotap_micro8 and 224 for the ViT releases; from a bundle: its preprocessing and sizes)",
+    )
     b.add_argument(
         "--resize",
         choices=["fixed", "shorter_side"],
-        default="fixed",
-        help="fixed: resize to --size; shorter_side: shorter side to --size, rounded to the patch size",
+        help="fixed (default): resize to --size; shorter_side: shorter side to --size, rounded to the "
+        "patch size",
     )
     b.add_argument("--input-sizes", type=parse_sizes, help="sizes to warm and export, e.g. 224,336x448")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -80,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--bundle", required=True)
     t.add_argument("--target", required=True, help="target name in the targets file")
-    t.add_argument("--targets", default="configs/targets.yaml", help="targets file (YAML)")
+    t.add_argument("--targets", help=f"targets file (YAML; default: {_TARGETS_HELP})")
     t.add_argument("--calibration", help="int8: image folder for the entropy calibrator")
     t.add_argument(
         "--timing-cache", help="timing cache file (default: next to the engine, kept across builds)"
@@ -97,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the others; a summary table and an output-level manifest.json are written.",
     )
     bt.add_argument("--bundle", required=True)
-    bt.add_argument("--targets", default="configs/targets.yaml")
+    bt.add_argument("--targets", help=f"targets file (YAML; default: {_TARGETS_HELP})")
     bt.add_argument("--out", required=True, help="output directory, e.g. dist/")
     bt.add_argument("--only", help="comma-separated target names (default: all)")
     bt.add_argument("--calibration", help="image folder for int8 targets (static QDQ)")
@@ -121,6 +153,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--max-queue-delay-us", type=int, default=2000)
     tr.add_argument("--export-missing", action="store_true", help="export the ONNX model first if absent")
     tr.add_argument("--overwrite", action="store_true")
+    tr.add_argument(
+        "--force",
+        action="store_true",
+        help="deploy an ONNX model or engine that failed its accuracy gate (kept with --force); "
+        "refused otherwise, recorded as forced when given",
+    )
     tr.set_defaults(func=_triton)
 
 
@@ -130,7 +168,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from cotap.export.bundle import export_bundle
     from cotap.training.checkpoints import CheckpointError
 
-    size = args.size[0] if args.resize == "shorter_side" else args.size
+    size = args.size[0] if args.size is not None and args.resize == "shorter_side" else args.size
     try:
         bundle = export_bundle(
             args.checkpoint,
@@ -144,7 +182,7 @@ def _bundle(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except (CheckpointError, BundleError, ValueError) as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_cli_message(e)) from e
     print(
         json.dumps(
             {
@@ -185,9 +223,9 @@ def _onnx(args: argparse.Namespace) -> int:
             progress=True,
         )
     except GateError as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_cli_message(e)) from e
     except (BundleError, CheckpointError, FixtureError, ValueError) as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_cli_message(e)) from e
     from cotap.export.gate import summary_of
 
     print(summary_of(record.gate))
@@ -214,7 +252,7 @@ def _matching(args: argparse.Namespace) -> int:
         else:
             info = export_matching_onnx(args.out, args.dim, top_k=args.top_k, opset=args.opset)
     except (BundleError, ValueError) as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_cli_message(e)) from e
     print(json.dumps(info, indent=2))
     return 0
 
@@ -223,13 +261,14 @@ def _tensorrt(args: argparse.Namespace) -> int:
     require("torch", "export")
     from cotap.core.bundle import BundleError
     from cotap.core.engine_compat import EngineCompatibilityError
-    from cotap.export.targets import TargetError, load_targets
+    from cotap.export.targets import TargetError, default_targets_file, load_targets
     from cotap.export.tensorrt import TensorRTUnavailable, build_engine
 
     try:
-        targets = load_targets(args.targets)
+        targets_file = default_targets_file() if args.targets is None else args.targets
+        targets = load_targets(targets_file)
         if args.target not in targets:
-            raise CLIError(f"no target {args.target!r} in {args.targets}; known: {', '.join(targets)}")
+            raise CLIError(f"no target {args.target!r} in {targets_file}; known: {', '.join(targets)}")
         record = build_engine(
             args.bundle,
             targets[args.target],
@@ -239,9 +278,9 @@ def _tensorrt(args: argparse.Namespace) -> int:
             progress=True,
         )
     except TensorRTUnavailable as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_cli_message(e)) from e
     except (BundleError, TargetError, EngineCompatibilityError, ValueError) as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_cli_message(e)) from e
     print(json.dumps(record.to_dict(), indent=2))
     return 0
 
@@ -266,7 +305,7 @@ def _batch(args: argparse.Namespace) -> int:
             progress=True,
         )
     except (BundleError, TargetError, ValueError, FileExistsError) as e:
-        raise CLIError(str(e)) from e
+        raise CLIError(_cli_message(e)) from e
     print(result.table())
     print(f"manifest: {result.manifest_path}")
     return 0 if result.ok else 1
@@ -285,9 +324,28 @@ def _triton(args: argparse.Namespace) -> int:
     )
     try:
         written = export_triton(
-            args.bundle, args.out, options, export_missing=args.export_missing, overwrite=args.overwrite
+            args.bundle,
+            args.out,
+            options,
+            export_missing=args.export_missing,
+            overwrite=args.overwrite,
+            force=args.force,
         )
     except (BundleError, ValueError, FileExistsError) as e:
-        raise CLIError(str(e)) from e
-    print(json.dumps({"repository": str(args.out), "models": written}, indent=2))
+        raise CLIError(_cli_message(e)) from e
+    except Exception as e:  # a failing gate of the model --export-missing exported
+        from cotap.export.gate import GateError
+
+        if isinstance(e, GateError):
+            raise CLIError(_cli_message(e)) from e
+        raise
+    index = json.loads((Path(args.out) / "cotap-repository.json").read_text())
+    forced = index.get(written[0], {}).get("forced_files") or []
+    for file in forced:
+        print(
+            f"warning: {file} failed its accuracy gate (kept with --force) and is deployed to "
+            f"{args.out} as forced (--force)",
+            file=sys.stderr,
+        )
+    print(json.dumps({"repository": str(args.out), "models": written, "forced": forced}, indent=2))
     return 0

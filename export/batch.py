@@ -35,7 +35,7 @@ from cotap.core.version import __version__, install_hint
 from cotap.export.fixtures import check_sizes, write_synthetic_folder
 from cotap.export.gate import GateError
 from cotap.export.onnx import export_onnx
-from cotap.export.targets import Target, load_targets
+from cotap.export.targets import Target, default_targets_file, load_targets
 from cotap.export.tensorrt import (
     build_engine,
     build_refusal,
@@ -268,7 +268,7 @@ def _target_yaml(target: Target) -> str:
 
 def export_batch(
     bundle_dir: str | os.PathLike[str],
-    targets_file: str | os.PathLike[str],
+    targets_file: str | os.PathLike[str] | None,
     out: str | os.PathLike[str],
     *,
     only: Sequence[str] | None = None,
@@ -277,7 +277,9 @@ def export_batch(
     overwrite: bool = False,
     progress: bool = False,
 ) -> BatchResult:
-    """Export every target (or those in `only`); see the module docstring for the output tree."""
+    """Export every target (or those in `only`); see the module docstring for the output tree.
+    `targets_file` None: the shipped `configs/targets.yaml` (`default_targets_file`)."""
+    targets_file = default_targets_file() if targets_file is None else Path(targets_file)
     targets = load_targets(targets_file)
     if only:
         missing = sorted(set(only) - set(targets))

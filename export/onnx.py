@@ -121,7 +121,7 @@ def export_onnx(
             steps.close()
             raise GateError(
                 f"accuracy gate failed for {precision} ONNX of {bundle.path}; nothing was written "
-                f"(pass force=True / --force to write it anyway):\n{report.summary()}",
+                f"(pass --force, force=True in Python, to write it anyway):\n{report.summary()}",
                 report,
             )
         steps.set_postfix_str("write")

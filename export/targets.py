@@ -33,6 +33,10 @@ from cotap.core.artifacts import PRECISIONS
 from cotap.core.engine_compat import HARDWARE_LEVELS, parse_compute_capability, parse_version
 
 FAMILIES = ("jetson", "datacenter", "desktop")
+
+# The shipped targets file, found from this module rather than the working directory: the checkout's
+# configs/targets.yaml (this file is <checkout>/export/targets.py; the package does not ship configs).
+DEFAULT_TARGETS = Path(__file__).resolve().parent.parent / "configs" / "targets.yaml"
 INT8_MODES = ("qdq", "entropy")
 
 
@@ -176,11 +180,23 @@ def _validate(t: Target) -> None:
         raise TargetError(f"{where}: version-compatible engines need TensorRT 8.6 or newer")
 
 
-def load_targets(path: str | os.PathLike[str]) -> dict[str, Target]:
-    """Read and validate a targets YAML file: {name: Target} in file order."""
+def default_targets_file() -> Path:
+    """The shipped `configs/targets.yaml`, independent of the working directory; a clear error
+    naming the path when this install has no source tree around it."""
+    if not DEFAULT_TARGETS.is_file():
+        raise TargetError(
+            f"the default targets file {DEFAULT_TARGETS} is missing (it is configs/targets.yaml of the "
+            "cotap source tree, which this install does not include); pass --targets FILE"
+        )
+    return DEFAULT_TARGETS
+
+
+def load_targets(path: str | os.PathLike[str] | None = None) -> dict[str, Target]:
+    """Read and validate a targets YAML file: {name: Target} in file order. `path` None: the shipped
+    `configs/targets.yaml` (`default_targets_file`)."""
     import yaml
 
-    p = Path(path)
+    p = default_targets_file() if path is None else Path(path)
     if not p.is_file():
         raise TargetError(f"targets file not found: {p}")
     try:

@@ -7,7 +7,13 @@ Layout (Triton's "model repository", also what KServe's Triton runtime serves)::
     REPO/<name>_trt/config.pbtxt    platform tensorrt_plan, one plan per compute capability, KIND_GPU,
                                     one instance group holding every optimisation profile
     REPO/<name>_trt/1/<target>.plan (only when the bundle has engines)
-    REPO/cotap-repository.json      which bundle, files and hashes this was made from
+    REPO/cotap-repository.json      which bundle, files and hashes this was made from, and whether
+                                    any failed its accuracy gate (`forced`, `forced_files`)
+
+A model or engine kept with `--force` although its accuracy gate failed is refused unless the
+repository export is forced too: Triton serves it without the warning `cotap serve` gives, so a
+forced export records it (`forced: true` and `forced_files` in cotap-repository.json, a `cotap_forced` parameter in the
+config.pbtxt of each model that serves one).
 
 Dims exclude the batch axis (Triton adds it from `max_batch_size`). With one declared input size the
 dims are static; with several, H/W (and the grid) are -1 and clients send one of the declared sizes.
@@ -25,6 +31,7 @@ from pathlib import Path
 from cotap.core.artifacts import (
     INPUT_NAME,
     EngineArtifact,
+    OnnxArtifact,
     engine_artifacts,
     onnx_artifacts,
     serving_onnx,
@@ -151,6 +158,11 @@ def plans_by_compute_capability(engines: Sequence[EngineArtifact], kind: str) ->
     return by_cc
 
 
+def forced_files(record: OnnxArtifact | None, engines: Sequence[EngineArtifact]) -> list[str]:
+    """The bundle files a repository would serve although their accuracy gate failed (`forced`)."""
+    return [r.file for r in (record, *engines) if r is not None and r.forced]
+
+
 def export_triton(
     bundle_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -158,14 +170,25 @@ def export_triton(
     *,
     export_missing: bool = False,
     overwrite: bool = False,
+    force: bool = False,
 ) -> list[str]:
     """Write the repository; returns the model names written. Needs an ONNX model in the bundle for
     all its declared sizes (`serving_onnx`, as the server; `cotap export onnx`), or
-    `export_missing=True` to export one first."""
+    `export_missing=True` to export one first. A model or engine whose accuracy gate failed (kept
+    with `--force`) is refused unless `force`; then it is recorded as forced (`forced_files`)."""
     bundle = read_bundle(bundle_dir)
     engines = engine_artifacts(bundle)
     by_cc = plans_by_compute_capability(engines, options.kind)  # refused before anything is written
     record = serving_onnx(bundle).get(options.precision)
+    forced = forced_files(record, engines)  # refused before anything is written
+    if forced and not force:
+        one = len(forced) == 1
+        raise ValueError(
+            f"{', '.join(forced)} of bundle {bundle.path} failed {'its' if one else 'their'} accuracy gate "
+            f"and {'was' if one else 'were'} kept only with --force; Triton would serve "
+            f"{'it' if one else 'them'} without any warning. Re-export so that the gate passes, or pass "
+            "--force to deploy anyway (recorded as forced in cotap-repository.json and config.pbtxt)"
+        )
     if record is None:
         if not export_missing:
             others = [r for r in onnx_artifacts(bundle) if r.precision == options.precision]
@@ -186,6 +209,7 @@ def export_triton(
         export_onnx(bundle.path, options.precision)
         bundle = read_bundle(bundle.path)
         record = serving_onnx(bundle)[options.precision]
+        forced = forced_files(record, engines)
     repo = Path(out)
     name = options.name or bundle.config.name
     if not name or "/" in name:
@@ -205,8 +229,9 @@ def export_triton(
     (model_dir / "1").mkdir(parents=True)
     shutil.copyfile(bundle.file(record.file), model_dir / "1" / "model.onnx")
     dims = io_dims(record.sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)
+    onnx_params = {**params, "cotap_forced": "true"} if record.forced else params
     (model_dir / "config.pbtxt").write_text(
-        config_pbtxt(name, "onnxruntime_onnx", record.max_batch, dims, options, parameters=params)
+        config_pbtxt(name, "onnxruntime_onnx", record.max_batch, dims, options, parameters=onnx_params)
     )
     written.append(name)
     files[f"{name}/1/model.onnx"] = record.sha256
@@ -231,7 +256,11 @@ def export_triton(
                 options,
                 default_model_filename=next(iter(by_cc.values())),
                 cc_model_filenames=by_cc,
-                parameters={**params, "cotap_precision": engines[0].precision},
+                parameters={
+                    **params,
+                    "cotap_precision": engines[0].precision,
+                    **({"cotap_forced": "true"} if any(e.forced for e in engines) else {}),
+                },
                 profiles=len(engines[0].sizes),
             )
         )
@@ -244,6 +273,8 @@ def export_triton(
         "models": written,
         "files": files,
         "options": asdict(options),
+        "forced": bool(forced),
+        "forced_files": forced,
         "config_sha256": {m: sha256_file(repo / m / "config.pbtxt") for m in written},
     }
     index.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from cotap.cli.main import main
 from cotap.core.artifacts import OnnxArtifact, onnx_artifacts
 from cotap.core.bundle import MANIFEST, Bundle, read_bundle, sha256_file
 from cotap.export import onnx as onnx_export
@@ -159,6 +160,17 @@ def test_gate_fails_on_a_perturbed_model(tiny_bundle: Bundle, monkeypatch: pytes
     (stored,) = manifest["artifacts"]["onnx"]
     assert OnnxArtifact.from_dict(stored).forced
     read_bundle(tiny_bundle.path)
+
+
+def test_cli_gate_failure_names_the_flag(
+    tiny_bundle: Bundle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line says --force, not the Python keyword force=True."""
+    _perturbing_export(monkeypatch)
+    assert main(["export", "onnx", "--bundle", str(tiny_bundle.path), "--sizes", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "accuracy gate failed" in err and "pass --force to write it anyway" in err
+    assert "force=True" not in err
 
 
 def test_re_export_replaces_its_record(tiny_bundle: Bundle) -> None:

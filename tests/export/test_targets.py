@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cotap.export.targets import TargetError, load_targets
+from cotap.cli.main import main
+from cotap.export import targets as targets_module
+from cotap.export.targets import DEFAULT_TARGETS, TargetError, load_targets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,3 +104,31 @@ def test_malformed_files_are_refused(tmp_path: Path) -> None:
         load_targets(p)
     with pytest.raises(TargetError, match="not found"):
         load_targets(tmp_path / "missing.yaml")
+
+
+def test_default_targets_file_does_not_depend_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cotap export tensorrt|batch` without --targets find the shipped file from any directory."""
+    assert DEFAULT_TARGETS == ROOT / "configs" / "targets.yaml"
+    assert list(load_targets()) == list(load_targets(DEFAULT_TARGETS))
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    bundle = str(tmp_path / "no-bundle")  # both commands look the target up before the bundle
+    assert main(["export", "tensorrt", "--bundle", bundle, "--target", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert f"no target 'nope' in {DEFAULT_TARGETS}; known: orin-nano" in err
+    assert main(["export", "batch", "--bundle", bundle, "--out", "dist", "--only", "nope"]) == 2
+    assert "unknown targets ['nope']; known: orin-nano" in capsys.readouterr().err
+    assert not (tmp_path / "dist").exists()
+
+
+def test_missing_default_targets_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "configs" / "targets.yaml"
+    monkeypatch.setattr(targets_module, "DEFAULT_TARGETS", missing)
+    with pytest.raises(TargetError, match="pass --targets FILE"):
+        load_targets()
+    assert main(["export", "tensorrt", "--bundle", str(tmp_path), "--target", "t4"]) == 2
+    err = capsys.readouterr().err
+    assert f"the default targets file {missing} is missing" in err and "--targets FILE" in err

@@ -6,6 +6,7 @@ from a descriptor here, so the test needs no tritonclient and rejects any field 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 from cotap.cli.main import main
 from cotap.core.artifacts import ENGINES_KEY, EngineArtifact
 from cotap.core.bundle import Bundle, add_files, sha256_bytes
+from cotap.export.gate import GateThresholds
 from cotap.export.onnx import export_onnx
 from cotap.export.triton import TritonOptions, export_triton
 
@@ -249,3 +251,57 @@ def test_a_model_without_every_declared_size_is_refused(
     )  # exports the declared sizes
     assert names == ["tiny"]
     assert list(parse(tmp_path / "repo" / "tiny" / "config.pbtxt").input[0].dims) == [3, -1, -1]
+
+
+IMPOSSIBLE = GateThresholds(
+    patch_cos_mean=1.1, patch_cos_min=1.1, cls_cos_mean=1.1, argmax_agreement=1.0, margin=0.0
+)
+
+
+def test_forced_models_are_refused_unless_forced_and_then_recorded(
+    bundle_factory: Callable[..., Bundle], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model kept with --force although its gate failed: Triton would serve it with no warning."""
+    one = bundle_factory("one", ((32, 32),))
+    record = export_onnx(one.path, "fp32", max_batch=4, force=True, thresholds=IMPOSSIBLE)
+    assert record.forced
+    repo = tmp_path / "repo"
+    with pytest.raises(ValueError, match=r"onnx/model-fp32\.onnx .* failed its accuracy gate .*--force"):
+        export_triton(one.path, repo)
+    assert not repo.exists()
+    assert main(["export", "triton", "--bundle", str(one.path), "--out", str(repo)]) == 2
+    assert "failed its accuracy gate" in capsys.readouterr().err and not repo.exists()
+
+    assert main(["export", "triton", "--bundle", str(one.path), "--out", str(repo), "--force"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: onnx/model-fp32.onnx failed its accuracy gate" in captured.err
+    assert json.loads(captured.out)["forced"] == ["onnx/model-fp32.onnx"]
+    index = json.loads((repo / "cotap-repository.json").read_text())
+    assert index["tiny"]["forced"] is True and index["tiny"]["forced_files"] == ["onnx/model-fp32.onnx"]
+    assert parse(repo / "tiny" / "config.pbtxt").parameters["cotap_forced"].string_value == "true"
+
+
+def test_forced_engines_are_refused_unless_forced(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    forced = dataclasses.replace(engine_record("t4", "7.5"), forced=True)
+    add_engines(tiny_bundle, forced)
+    with pytest.raises(ValueError, match=r"engines/t4/model\.plan .* failed its accuracy gate"):
+        export_triton(tiny_bundle.path, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    export_triton(tiny_bundle.path, tmp_path / "repo", force=True)
+    assert "cotap_forced" not in parse(tmp_path / "repo" / "tiny" / "config.pbtxt").parameters
+    trt = parse(tmp_path / "repo" / "tiny_trt" / "config.pbtxt")
+    assert trt.parameters["cotap_forced"].string_value == "true"
+    index = json.loads((tmp_path / "repo" / "cotap-repository.json").read_text())
+    assert index["tiny"]["forced"] is True and index["tiny"]["forced_files"] == ["engines/t4/model.plan"]
+
+
+def test_unforced_repository_records_forced_false(
+    bundle_factory: Callable[..., Bundle], tmp_path: Path
+) -> None:
+    one = bundle_factory("one", ((32, 32),))
+    export_onnx(one.path, "fp32", max_batch=4)
+    export_triton(one.path, tmp_path / "repo")
+    index = json.loads((tmp_path / "repo" / "cotap-repository.json").read_text())
+    assert index["tiny"]["forced"] is False and index["tiny"]["forced_files"] == []
+    assert "cotap_forced" not in parse(tmp_path / "repo" / "tiny" / "config.pbtxt").parameters
