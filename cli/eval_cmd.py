@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cotap.cli.common import CLIError, parse_size, require
 
@@ -17,11 +19,64 @@ PROTOCOL_HELP = (
 )
 
 
-def _ints(text: str) -> list[int]:
+# Flag types: each refuses a value out of its range at parse time (argparse's usage line and one
+# error line, exit status 2), so that no flag is silently replaced by its default.
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _ints_at_least(minimum: int) -> Callable[[str], list[int]]:
+    def parse(text: str) -> list[int]:
+        one = _int_at_least(minimum)
+        try:
+            values = [one(t.strip()) for t in text.split(",") if t.strip()]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (in {text!r})") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        return values
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def _positive_size(text: str) -> tuple[int, int]:
+    h, w = parse_size(text)
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: both sides must be at least 1")
+    return h, w
+
+
+_positive = _int_at_least(1)
+_seed = _int_at_least(0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,76 +99,113 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--val-data", help="val data spec; without it, --data is split (see --val-fraction)")
     p.add_argument(
-        "--val-fraction", type=float, default=0.2, help="val share when splitting --data (default 0.2)"
+        "--val-fraction",
+        type=_open_fraction,
+        default=0.2,
+        help="val share when splitting --data (default 0.2)",
     )
     p.add_argument(
-        "--size", type=parse_size, help="model input size, 128 or HxW (default: the first image's size)"
+        "--size", type=_positive_size, help="model input size, 128 or HxW (default: the first image's size)"
     )
     p.add_argument(
-        "--mask-size", type=parse_size, help="resolution masks are scored at (default: the input size)"
+        "--mask-size", type=_positive_size, help="resolution masks are scored at (default: the input size)"
     )
-    p.add_argument("--num-classes", type=int, help="number of mask classes, if the data cannot tell")
-    p.add_argument("--seed", type=int, default=0, help="seed of every protocol (default 0)")
-    p.add_argument("--seeds", type=_ints, help="run each protocol once per seed, e.g. 0,1,2: mean and std")
+    p.add_argument("--num-classes", type=_positive, help="number of mask classes, if the data cannot tell")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of every protocol (default 0)")
+    p.add_argument(
+        "--seeds", type=_ints_at_least(0), help="run each protocol once per seed, e.g. 0,1,2: mean and std"
+    )
     p.add_argument("--config", help="YAML or JSON file of EvalConfig fields (flags given here override it)")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
-    p.add_argument("--samples", type=int, help="linear: training budget in image samples (default 4000)")
-    p.add_argument("--lr", type=float, help="linear: Adam learning rate (default 1e-2)")
-    p.add_argument("--k", type=int, help="retrieval: neighbours (default 30)")
-    p.add_argument("--temperature", type=float, help="retrieval: softmax temperature (default 0.02)")
-    p.add_argument("--memory-size", type=int, help="retrieval: memory bank patches (default 102400)")
+    p.add_argument("--batch-size", type=_positive, help="images per forward pass (default 32)")
     p.add_argument(
-        "--clusters", type=_ints, help="overcluster: K values, e.g. 21,100 (default: the class count)"
+        "--samples", type=_positive, help="linear: training budget in image samples (default 4000)"
     )
-    p.add_argument("--pairs", type=int, help="correspondence: number of val images to warp (default all)")
-    p.add_argument("--knn-k", type=_ints, help="knn: k values (default 10,20)")
+    p.add_argument("--lr", type=_positive_float, help="linear: Adam learning rate (default 1e-2)")
+    p.add_argument("--k", type=_positive, help="retrieval: neighbours (default 30)")
+    p.add_argument(
+        "--temperature", type=_positive_float, help="retrieval: softmax temperature (default 0.02)"
+    )
+    p.add_argument("--memory-size", type=_positive, help="retrieval: memory bank patches (default 102400)")
+    p.add_argument(
+        "--clusters",
+        type=_ints_at_least(1),
+        help="overcluster: K values, e.g. 21,100 (default: the class count)",
+    )
+    p.add_argument(
+        "--pairs", type=_positive, help="correspondence: number of val images to warp (default all)"
+    )
+    p.add_argument("--knn-k", type=_ints_at_least(1), help="knn: k values (default 10,20)")
     p.add_argument("--report", help="write PNG figures and index.html here")
     p.add_argument("--json", help="write the full results (metrics, resolved config, timings) here")
     p.add_argument("--cache", help="cache extracted features in this folder and reuse them")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.error = _one_line_error  # type: ignore[method-assign]
     p.set_defaults(func=_eval)
 
 
+def _one_line_error(message: str) -> NoReturn:
+    """A bad flag is one line, as every other `cotap eval` error, rather than the whole usage."""
+    print(f"cotap: error: {message} (see cotap eval --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _load_config_file(path: str) -> dict[str, Any]:
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise CLIError(f"cannot read --config {path}: {e.strerror or e}") from e
     if path.endswith((".yaml", ".yml")):
         yaml = require("yaml", "train")
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise CLIError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise CLIError(f"{path}: expected a mapping of EvalConfig fields")
     return data.get("eval", data)
 
 
+def _given(value: Any, default: Any) -> Any:
+    """A flag's value when it was given (0 included), else the config's."""
+    return default if value is None else value
+
+
 def _build_config(args: argparse.Namespace) -> Any:
     from cotap.training.eval import EvalConfig, config_from_dict
 
-    cfg = config_from_dict(_load_config_file(args.config)) if args.config else EvalConfig()
+    path = args.config
+    try:
+        cfg = config_from_dict(_load_config_file(path)) if path else EvalConfig()
+    except ValueError as e:
+        raise CLIError(f"--config {path}: {e}") from e
     f = cfg.features
     f = replace(
         f,
-        size=args.size or f.size,
-        mask_size=args.mask_size or f.mask_size,
-        batch_size=args.batch_size or f.batch_size,
+        size=_given(args.size, f.size),
+        mask_size=_given(args.mask_size, f.mask_size),
+        batch_size=_given(args.batch_size, f.batch_size),
         progress=not args.quiet and f.progress,
     )
-    lin = replace(cfg.linear, samples=args.samples or cfg.linear.samples, lr=args.lr or cfg.linear.lr)
+    lin = replace(
+        cfg.linear, samples=_given(args.samples, cfg.linear.samples), lr=_given(args.lr, cfg.linear.lr)
+    )
     ret = replace(
         cfg.retrieval,
-        k=args.k or cfg.retrieval.k,
-        temperature=args.temperature or cfg.retrieval.temperature,
-        memory_size=args.memory_size or cfg.retrieval.memory_size,
+        k=_given(args.k, cfg.retrieval.k),
+        temperature=_given(args.temperature, cfg.retrieval.temperature),
+        memory_size=_given(args.memory_size, cfg.retrieval.memory_size),
     )
-    oc = replace(
-        cfg.overcluster, clusters=tuple(args.clusters) if args.clusters else cfg.overcluster.clusters
-    )
-    corr = replace(
-        cfg.correspondence, pairs=args.pairs if args.pairs is not None else cfg.correspondence.pairs
-    )
-    knn = replace(cfg.knn, ks=tuple(args.knn_k) if args.knn_k else cfg.knn.ks)
+    clusters = tuple(args.clusters) if args.clusters is not None else cfg.overcluster.clusters
+    oc = replace(cfg.overcluster, clusters=clusters)
+    corr = replace(cfg.correspondence, pairs=_given(args.pairs, cfg.correspondence.pairs))
+    knn = replace(cfg.knn, ks=tuple(args.knn_k) if args.knn_k is not None else cfg.knn.ks)
     cfg = replace(cfg, features=f, linear=lin, retrieval=ret, overcluster=oc, correspondence=corr, knn=knn)
     return cfg.with_seed(args.seed)
 
@@ -147,14 +239,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     from cotap.core.bundle import BundleError
     from cotap.training.checkpoints import CheckpointError, load_model
+    from cotap.training.distributed import resolve_device
     from cotap.training.eval import FrozenModel, evaluate, open_eval_data, split
     from cotap.training.eval.protocols import NEEDS_TRAIN, parse_protocols
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         protocols = parse_protocols(args.protocol)
         config = _build_config(args)
+        device = resolve_device(args.device)  # before any data is read or model loaded
         train = open_eval_data(args.data, args.num_classes)
         if args.val_data:
             val = open_eval_data(args.val_data, args.num_classes)
@@ -163,7 +257,7 @@ def _eval(args: argparse.Namespace) -> int:
         else:
             train, val = None, train
         loaded = load_model(args.model, arch=args.arch, which=args.which)
-        model = FrozenModel.from_loaded(loaded, device=args.device)
+        model = FrozenModel.from_loaded(loaded, device=device, which=args.which)
         results = evaluate(
             protocols,
             model,
@@ -175,7 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
             cache_dir=args.cache,
             report_dir=args.report,
         )
-    except (CheckpointError, BundleError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, BundleError, ValueError, OSError) as e:  # OSError: unreadable data
         raise CLIError(str(e)) from e
     results["command"] = ["cotap", "eval", *sys.argv[2:]] if sys.argv[1:2] == ["eval"] else None
     if args.report:  # the report's copy gains the command line too

@@ -7,6 +7,7 @@ dino-vit-features, made exact and label-free: the ground truth comes from the tr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cotap.training.data.views import as_chw_uint8
+from cotap.training.eval.checks import check_float, check_int
 from cotap.training.eval.datasets import EvalDataset
 from cotap.training.eval.features import FrozenModel, input_size_for, resize_image
 from cotap.training.eval.geometry import WarpConfig, apply_homography, random_homography, warp_image
@@ -33,6 +35,17 @@ class CorrespondenceConfig:
     pairs: int | None = None
     batch_size: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.alphas, Sequence) or isinstance(self.alphas, str) or not self.alphas:
+            raise ValueError(f"alphas must be a non-empty list of numbers, got {self.alphas!r}")
+        for a in self.alphas:
+            check_float("every value of alphas", a)
+        check_float("mutual_alpha", self.mutual_alpha)
+        if self.pairs is not None:
+            check_int("pairs", self.pairs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
 
 
 @dataclass

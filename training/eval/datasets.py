@@ -9,6 +9,7 @@ The readers themselves live in `cotap.training.data`; this module adapts them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -209,19 +211,39 @@ def mask_folder(
     )
 
 
-def class_folder(root: str | os.PathLike[str], name: str | None = None) -> EvalDataset:
+def class_folder(root: str | os.PathLike[str], name: str | None = None, min_classes: int = 2) -> EvalDataset:
     """An image tree with one subfolder per class (ImageNet style): label = the subfolder's index
-    in sorted order. An unreadable image is an error (a substitute would carry the wrong label)."""
+    in sorted order. An unreadable image is an error (a substitute would carry the wrong label).
+
+    Fewer than `min_classes` subfolders holding images is an error (one class makes every kNN
+    prediction right); images directly in `root` belong to no class: they are ignored, with a
+    warning."""
     base = Path(root)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     paths: list[Path] = []
     labels: list[int] = []
+    filled: list[str] = []
     for c, cname in enumerate(classes):
         found = list_files(base / cname, IMAGE_EXTS)
         paths += found
         labels += [c] * len(found)
-    if not paths:
-        raise ValueError(f"no images in class subfolders of {base}")
+        if found:
+            filled.append(cname)
+    ignored = (
+        f"the {len(loose)} images directly in {base} (e.g. {loose[0]}) belong to no class subfolder "
+        "and are ignored"
+        if loose
+        else ""
+    )
+    if len(filled) < min_classes:
+        found_text = f"{len(filled)} ({', '.join(filled)})" if filled else "none"
+        raise ValueError(
+            f"{base}: a class-per-subfolder tree needs images in at least {min_classes} subfolders, one "
+            f"per class; found {found_text}" + (f"; {ignored}" if ignored else "")
+        )
+    if ignored:
+        log.warning("%s", ignored)
 
     def get(i: int) -> EvalItem:
         try:

@@ -26,6 +26,8 @@ from tqdm import tqdm
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from cotap.training.checkpoints import LoadedModel
 from cotap.training.data.views import as_chw_uint8
+from cotap.training.distributed import resolve_device
+from cotap.training.eval.checks import check_int, check_size
 from cotap.training.eval.datasets import EvalDataset
 from cotap.training.preprocess import normalize_tensor, resize_to
 
@@ -57,6 +59,7 @@ class FrozenModel:
             raise TypeError("the model must expose its patch size as `patch_size` or `config.patch_size`")
         if not callable(getattr(model, "forward_features", None)):
             raise TypeError("the model must have forward_features(images) -> {'patch', 'cls', 'assign'}")
+        device = resolve_device(device)
         self.model = model.eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -68,8 +71,11 @@ class FrozenModel:
         self.info: dict[str, Any] = dict(info or {})
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, device: str | torch.device = "cpu") -> FrozenModel:
-        """A `load_model` result: a bundle brings its own mean/std and name."""
+    def from_loaded(
+        cls, loaded: LoadedModel, device: str | torch.device = "cpu", which: str | None = None
+    ) -> FrozenModel:
+        """A `load_model` result: a bundle brings its own mean/std and name. `which`: what was asked
+        of `load_model`, recorded beside the model it actually took (`info["which"]`)."""
         mean, std, name = IMAGENET_MEAN, IMAGENET_STD, loaded.arch
         if loaded.bundle is not None:
             pre = loaded.bundle.config.preprocess
@@ -78,7 +84,10 @@ class FrozenModel:
             "arch": loaded.arch,
             "layout": loaded.layout,
             "source_sha256": loaded.source_sha256,
+            "which": loaded.which,
+            "which_requested": which,
             "prototypes_initialized": loaded.prototypes_initialized,
+            "load_notes": list(loaded.notes),
         }
         # the cache key hashes the weights themselves: one file can hold a student and a teacher
         return cls(loaded.model, mean, std, device, name, None, info)
@@ -138,6 +147,12 @@ class FeatureConfig:
     keep_images: int = 8
     half: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_size("size", self.size)
+        check_size("mask_size", self.mask_size)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("keep_images", self.keep_images, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

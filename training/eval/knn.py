@@ -9,12 +9,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cotap.training.eval.checks import check_float, check_int, check_ints
+
 
 @dataclass(frozen=True)
 class KnnConfig:
     ks: tuple[int, ...] = (10, 20)
     temperature: float = 0.07
     chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        check_ints("ks", self.ks, 1)
+        check_float("temperature", self.temperature)
+        check_int("chunk", self.chunk, 1)
 
 
 def knn_scores(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cotap.training.eval.checks import check_float, check_int
 from cotap.training.eval.features import Features
 from cotap.training.eval.metrics import IGNORE_INDEX, confusion_matrix, segmentation_metrics
 
@@ -35,6 +36,14 @@ class LinearConfig:
     weight_decay: float = 0.0
     seed: int = 0
     eval_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_int("samples", self.samples, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_float("lr", self.lr)
+        check_float("weight_decay", self.weight_decay, inclusive=True)
+        check_int("seed", self.seed, 0)
+        check_int("eval_batch_size", self.eval_batch_size, 1)
 
     @property
     def steps(self) -> int:

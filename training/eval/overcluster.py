@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cotap.training.eval.checks import check_float, check_int, check_ints
 from cotap.training.eval.features import Features
 from cotap.training.eval.metrics import (
     IGNORE_INDEX,
@@ -35,6 +36,13 @@ class OverclusterConfig:
     tol: float = 1e-5
     fit_size: int = 100_000
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ints("clusters", self.clusters, 1, allow_empty=True)
+        check_int("iterations", self.iterations, 1)
+        check_float("tol", self.tol, inclusive=True)
+        check_int("fit_size", self.fit_size, 1)
+        check_int("seed", self.seed, 0)
 
 
 def kmeans_pp_init(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

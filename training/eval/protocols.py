@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import types
 import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,9 +28,17 @@ from torch import nn
 
 from cotap.core.version import __version__
 from cotap.training.checkpoints import LoadedModel
+from cotap.training.eval.checks import check_int
 from cotap.training.eval.correspondence import CorrespondenceConfig, run_correspondence
 from cotap.training.eval.datasets import EvalDataset
-from cotap.training.eval.features import FeatureConfig, Features, FrozenModel, as_frozen, extract_features
+from cotap.training.eval.features import (
+    FeatureConfig,
+    Features,
+    FrozenModel,
+    as_frozen,
+    extract_features,
+    input_size_for,
+)
 from cotap.training.eval.knn import KnnConfig, run_knn
 from cotap.training.eval.linear import LinearConfig, run_linear
 from cotap.training.eval.overcluster import OverclusterConfig, run_overcluster
@@ -51,6 +60,9 @@ class EvalConfig:
     correspondence: CorrespondenceConfig = field(default_factory=CorrespondenceConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     report_images: int = 6
+
+    def __post_init__(self) -> None:
+        check_int("report_images", self.report_images, 0)
 
     def with_seed(self, seed: int) -> EvalConfig:
         """The same config with every protocol's seed set to `seed`."""
@@ -103,10 +115,44 @@ class Evaluator:
         self.report = Report(report_dir) if report_dir is not None else None
         self._num_classes = num_classes
         self._features: dict[str, Features] = {}
+        self._sizes_fixed = False
         self.timing: dict[str, float] = {}
+
+    def _fix_sizes(self) -> None:
+        """Resolve the input size once for every split and protocol (`FeatureConfig.size`, else the
+        first train image's size, the first val image's without train data, rounded down to the patch
+        size) and the mask size (default: the input size), and write both into `self.config` so
+        that the results record the sizes actually used."""
+        if self._sizes_fixed:
+            return
+        f = self.config.features
+        first = self.train_data if self.train_data is not None and len(self.train_data) else self.val_data
+        size = input_size_for(first, self.model.patch_size, f.size)
+        mask_size = (int(f.mask_size[0]), int(f.mask_size[1])) if f.mask_size is not None else size
+        self.config = replace(self.config, features=replace(f, size=size, mask_size=mask_size))
+        self._sizes_fixed = True
+
+    def preprocess(self) -> dict[str, Any]:
+        """How images became model inputs and masks became targets (recorded in the results)."""
+        self._fix_sizes()
+        f = self.config.features
+        assert f.size is not None and f.mask_size is not None
+        p = self.model.patch_size
+        return {
+            "input_size": list(f.size),
+            "grid": [f.size[0] // p, f.size[1] // p],
+            "mask_size": list(f.mask_size),
+            "resize": "fixed (every image to input_size, aspect ratio not kept)",
+            "interpolation": "bicubic (Pillow-equivalent, as the server)",
+            "mask_interpolation": "nearest",
+            "normalize": "(x / 255 - mean) / std",
+            "mean": list(self.model.mean),
+            "std": list(self.model.std),
+        }
 
     # -- shared pieces ---------------------------------------------------------------------------
     def features(self, split: str) -> Features:
+        self._fix_sizes()
         if split not in self._features:
             data = self.train_data if split == "train" else self.val_data
             if data is None:
@@ -152,6 +198,7 @@ class Evaluator:
         "timing_s"} and, with a report and `figures`, adds its figures."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        self._fix_sizes()
         cfg = self.config if seed is None else self.config.with_seed(seed)
         report = self.report if figures else None
         keep = cfg.report_images if report is not None else 0
@@ -210,6 +257,9 @@ class Evaluator:
             t0 = time.perf_counter()
             sub_cfg = cfg.knn
             assert train.labels is not None and val.labels is not None
+            if len(torch.unique(train.labels)) < 2:  # every val image would be right by default
+                name = self.train_data.name if self.train_data is not None else "train"
+                raise ValueError(f"knn needs train images of at least 2 classes; all of {name!r} are of one")
             k = max(self.num_classes, int(train.labels.max()) + 1, int(val.labels.max()) + 1)
             metrics = run_knn(train.cls, train.labels, val.cls, val.labels, k, cfg.knn)
         timing = {k: v for k, v in self.timing.items() if before.get(k) != v}
@@ -249,7 +299,13 @@ class Evaluator:
         out: dict[str, Any] = {
             "protocol": ",".join(names),
             "results": results,
-            "model": {"name": self.model.name, "patch_size": self.model.patch_size, **self.model.info},
+            "model": {
+                "name": self.model.name,
+                "patch_size": self.model.patch_size,
+                **self.model.info,
+                "weights_sha256": self.model.fingerprint,
+            },
+            "preprocess": self.preprocess(),
             "data": {
                 "train": self.train_data.describe() if self.train_data is not None else None,
                 "val": self.val_data.describe(),
@@ -259,7 +315,12 @@ class Evaluator:
             "config": self.config.to_dict(),
             "seeds": list(seeds) if seeds else None,
             "timing_s": {"total": time.perf_counter() - t0, **self.timing},
-            "environment": {"cotap": __version__, "torch": torch.__version__, "threads": torch_threads},
+            "environment": {
+                "cotap": __version__,
+                "torch": torch.__version__,
+                "threads": torch_threads,
+                "device": str(self.model.device),
+            },
         }
         if len(names) == 1:
             out["metrics"] = results[names[0]]["metrics"]
@@ -357,5 +418,52 @@ def _build(cls: Any, values: Any, where: str) -> Any:
         if dataclasses.is_dataclass(t) and isinstance(t, type):
             kwargs[name] = _build(t, v, f"{where}.{name}")
         else:
-            kwargs[name] = tuple(v) if isinstance(v, list) else v
-    return cls(**kwargs)
+            kwargs[name] = _coerce(v, t, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # the range checks of the configs' __post_init__
+        raise ValueError(f"{where}: {e}") from e
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` (from YAML/JSON) checked against the field's type `hint`: ints stay ints (a bool is
+    not one), ints and numeric strings become floats (YAML reads `1e-2` as a string), lists become
+    tuples, a single int is a square size; anything else is an error naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], where)
+        return value
+    if origin is tuple:
+        if args == (int, int) and isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]  # size: 448 means 448x448
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint in _TYPE_WORDS:
+        if isinstance(value, hint):
+            return value
+    else:
+        return value
+    raise ValueError(f"{where}: expected {_TYPE_WORDS[hint]}, got {value!r}")

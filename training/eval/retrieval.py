@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cotap.training.eval.checks import check_float, check_int
 from cotap.training.eval.features import Features
 from cotap.training.eval.metrics import IGNORE_INDEX, confusion_matrix, segmentation_metrics
 
@@ -29,6 +30,13 @@ class RetrievalConfig:
     memory_size: int = 102_400
     chunk: int = 1024  # val patches per similarity block
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_float("temperature", self.temperature)
+        check_int("memory_size", self.memory_size, 1)
+        check_int("chunk", self.chunk, 1)
+        check_int("seed", self.seed, 0)
 
 
 def patch_label_distribution(masks: torch.Tensor, grid: tuple[int, int], num_classes: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from cotap.training.data.synthetic import SceneConfig, SyntheticScenes, write_scenes
+from cotap.training.eval import EvalConfig
 from cotap.training.eval.datasets import from_arrays, open_eval_data, split
 from cotap.training.eval.features import FeatureConfig, FrozenModel, extract_features, resize_mask
 from cotap.training.models import build_model
@@ -154,3 +155,48 @@ def test_as_chw_uint8_copies_read_only_images_without_a_warning() -> None:
     assert not np.shares_memory(chw.numpy(), pixels)  # a copy (torch warns only once per process)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         as_chw_uint8(np.zeros((4, 5, 2), np.uint8))
+
+
+def test_class_folder_needs_two_classes_and_names_ignored_images(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    for i in range(22):
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(root / f"{i:05d}.png")
+    Image.new("RGB", (16, 16)).save(root / "sub" / "a.png")
+    with pytest.raises(ValueError, match=r"at least 2 subfolders.*found 1 \(sub\).*22 images directly in"):
+        open_eval_data(root)
+    (root / "other").mkdir()  # an empty folder is no class
+    with pytest.raises(ValueError, match="found 1"):
+        open_eval_data(root)
+    Image.new("RGB", (16, 16)).save(root / "other" / "b.png")
+    with caplog.at_level("WARNING"):
+        d = open_eval_data(root)
+    assert len(d) == 2 and d.class_names == ["other", "sub"]
+    assert "22 images directly in" in caplog.text and "ignored" in caplog.text
+
+
+def test_knn_refuses_train_labels_of_one_class() -> None:
+    from cotap.training.eval import evaluate
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    train = from_arrays(images[:4], labels=[0, 0, 0, 0], num_classes=2)
+    val = from_arrays(images[4:], labels=[0, 1], num_classes=2)
+    cfg = EvalConfig(features=FeatureConfig(progress=False))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        evaluate("knn", build_model("cotap_test"), train, val, cfg)
+
+
+def test_broken_files_in_a_mask_folder_are_named(tmp_path: Path) -> None:
+    write_scenes(tmp_path / "s", 3, seed=0, config=SceneConfig(size=32))
+    d = open_eval_data(tmp_path / "s")
+    (tmp_path / "s" / "images" / "00001.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"00001\.png: not a decodable image"):
+        d[1]
+    mask = tmp_path / "s" / "masks" / "00002.png"
+    mask.write_bytes(mask.read_bytes()[:60])  # truncated
+    with pytest.raises(ValueError, match=r"masks/00002\.png: not a readable mask"):
+        d[2]
+    with pytest.raises(ValueError, match=r"00001\.png"):  # and so does feature extraction
+        extract_features(build_model("cotap_test"), d, FeatureConfig(progress=False))
