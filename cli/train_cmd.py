@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     knn = p.add_argument_group("knn")
     knn.add_argument("--data", help="knn: image folder or synthetic:N[:seed[:size]]")
     knn.add_argument("--checkpoint", help="knn: the model that embeds the CLS tokens (the initial model)")
-    knn.add_argument("--k", type=int, default=7, help="knn: neighbours kept per image, self first")
+    knn.add_argument("--k", type=int, help="knn: neighbours kept per image, self first (default 7)")
     knn.add_argument(
         "--size",
         type=int,
@@ -48,13 +48,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     knn.add_argument(
         "--no-crop", action="store_true", help="knn: squash whole images to SIZExSIZE instead of cropping"
     )
-    knn.add_argument("--batch-size", type=int, default=32)
+    knn.add_argument("--batch-size", type=int, help="knn: images per forward (default 32)")
     p.set_defaults(func=_train)
+
+
+KNN_ONLY = ("data", "checkpoint", "k", "size", "no_crop", "batch_size")
+TRAIN_ONLY = ("config", "resume", "stop_at", "print_config")
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The flags among `names` given on the command line (as --flag-names)."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) not in (None, False)]
 
 
 def _train(args: argparse.Namespace) -> int:
     if args.words and args.words[0] == "knn":
         return _knn(args)
+    stray = _given(args, KNN_ONLY)
+    if stray:  # they would be ignored: training reads data, batch size and k from its config
+        raise CLIError(
+            f"{', '.join(stray)} belong to `cotap train knn`; a training run takes them from its config "
+            "(data.train, data.batch_size, data.k, model.init), e.g. data.batch_size=16"
+        )
     require("torch", "train")
     require("yaml", "train")
     from cotap.training.config import ConfigError, dump_config, load_config
@@ -97,6 +112,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _knn(args: argparse.Namespace) -> int:
+    stray = _given(args, TRAIN_ONLY)
+    if stray:
+        raise CLIError(f"{', '.join(stray)} belong to `cotap train`, not `cotap train knn`")
     if len(args.words) > 1:
         raise CLIError(f"unexpected arguments after knn: {' '.join(args.words[1:])}")
     missing = [f"--{n}" for n in ("data", "checkpoint", "out") if not getattr(args, n)]
@@ -110,10 +128,10 @@ def _knn(args: argparse.Namespace) -> int:
         path = build_knn_file(
             args.data,
             args.checkpoint,
-            k=args.k,
+            k=7 if args.k is None else args.k,
             out=args.out,
             size=args.size,
-            batch_size=args.batch_size,
+            batch_size=32 if args.batch_size is None else args.batch_size,
             center_crop=not args.no_crop,
         )
     except (CheckpointError, ValueError, FileNotFoundError) as e:
@@ -121,7 +139,12 @@ def _knn(args: argparse.Namespace) -> int:
     meta = read_knn_meta(path) or {}
     print(
         json.dumps(
-            {"knn": str(path), "k": args.k, "embedding": meta.get("embedding"), "crop": meta.get("crop")}
+            {
+                "knn": str(path),
+                "k": meta.get("k"),
+                "embedding": meta.get("embedding"),
+                "crop": meta.get("crop"),
+            }
         )
     )
     return 0

@@ -46,6 +46,8 @@ class LoadedModel:
     # DINO's final LayerNorm ("weight", "bias"), which the model drops (the filter's output norm
     # replaces it); kept for what needs DINO's own CLS feature, such as neighbour files.
     final_norm: StateDict | None = None
+    # the network taken from a file that holds a student and a teacher; None for single-model files
+    which: str | None = None
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -221,7 +223,11 @@ def filter_keys(depth: int) -> list[str]:
 def _build(sd: StateDict, arch: str | None, layout: str) -> tuple[CoTAPViT, str, bool, list[str]]:
     arch_name, config, notes = _infer_config(sd, arch)
     sd, dropped = _drop_known_extras(sd, config.depth, layout)
-    model = CoTAPViT(config)
+    # Parameters a layout lacks (a DINO file's prototypes and filter norms) keep their initial
+    # values: drawn from a fixed seed, so that the same file always gives the same model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CoTAPViT(config)
     allowed = filter_keys(config.depth) if layout == "dino" else []
     absent = load_state_dict_strict(model, sd, allowed_missing=allowed)
     initialized = "kernel" not in absent
@@ -231,6 +237,16 @@ def _build(sd: StateDict, arch: str | None, layout: str) -> tuple[CoTAPViT, str,
             "(random) and must be set by k-means in training before the `assign` output means anything"
         )
     return model.eval(), arch_name, initialized, notes + dropped
+
+
+def _check_arch(asked: str | None, recorded: str | None, where: str) -> None:
+    """A checkpoint that records its architecture is that architecture: asking for another one
+    would only mislabel it (a bundle named cotap_vits16 holding a micro model)."""
+    if asked and recorded and asked != recorded:
+        raise CheckpointError(
+            f"{where} holds a {recorded}, not a {asked}: drop the architecture you named "
+            f"(--arch / model.arch), or name {recorded}"
+        )
 
 
 def _final_norm(sd: StateDict, layout: str) -> StateDict | None:
@@ -270,6 +286,7 @@ def load_model(
     p = Path(path)
     if p.is_dir():
         bundle = read_bundle(p)
+        _check_arch(arch, bundle.config.arch, f"bundle {p}")
         sd = load_safetensors(bundle.file(WEIGHTS))
         cfg = ViTConfig.from_dict(bundle.config.model)
         model = CoTAPViT(cfg)
@@ -298,23 +315,27 @@ def load_model(
     if layout == "cotap":
         w = which or "teacher"
         sd = dict(ckpt[w])
-        arch = arch or ckpt.get("arch")
+        _check_arch(arch, ckpt.get("arch"), str(p))
+        arch = ckpt.get("arch") or arch
         notes = [f"cotap training checkpoint at step {ckpt.get('step')}: took the {w}"]
         model_cfg = ckpt.get("model_config")
         if model_cfg:
             model = CoTAPViT(ViTConfig.from_dict(model_cfg))
             load_state_dict_strict(model, sd)
             init = bool(ckpt.get("prototypes_initialized", True))
-            return LoadedModel(model.eval(), str(arch), layout, digest, init, notes)
+            return LoadedModel(model.eval(), str(arch or "unknown"), layout, digest, init, notes, which=w)
         model, arch_name, init, more = _build(sd, arch, "plain")
-        return LoadedModel(model, arch_name, layout, digest, init, notes + more)
+        return LoadedModel(model, arch_name, layout, digest, init, notes + more, which=w)
+    took: str | None
     if layout == "official":
-        sd, notes = _official(ckpt, which or "student")
+        took = which or "student"
+        sd, notes = _official(ckpt, took)
     else:
+        took = None if _is_state_dict(ckpt) else which or "teacher"
         sd, notes = _dino(ckpt, which or "teacher")
         if "kernel" in sd:
             layout = "plain"
     model, arch_name, init, more = _build(sd, arch, layout)
     return LoadedModel(
-        model, arch_name, layout, digest, init, notes + more, final_norm=_final_norm(sd, layout)
+        model, arch_name, layout, digest, init, notes + more, final_norm=_final_norm(sd, layout), which=took
     )

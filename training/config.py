@@ -376,3 +376,46 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# What may differ when a run is resumed: how long it runs, how it reports and saves, where it runs.
+# Anything else (data, seeds, losses, optimiser, model) would make the resumed run another run.
+RESUMABLE_KEYS = (
+    "name",
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "progress",
+    "plot",
+    "device",
+    "num_threads",
+    "data.num_workers",
+    "bundle.",
+)
+
+
+def flat_items(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"a.b.c": value}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out |= flat_items(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def resume_changes(saved: Mapping[str, Any], given: TrainConfig) -> list[str]:
+    """The settings `given` changes from a run's `saved` config that a resume cannot take
+    ("key: saved -> given"); empty when the run can continue as asked."""
+    before, after = flat_items(saved), flat_items(config_to_dict(given))
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key) or key in RESUMABLE_KEYS:
+            continue
+        if any(key.startswith(p) for p in RESUMABLE_KEYS if p.endswith(".")):
+            continue
+        changed.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changed

@@ -32,16 +32,33 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """ "auto" → cuda:<local_rank> when CUDA is available, else cpu; otherwise the named device."""
+def resolve_device(spec: str | torch.device, local_rank: int = 0) -> torch.device:
+    """`spec` checked against this machine: "auto" (cuda:<local_rank> when CUDA is available, else
+    cpu), cpu, cuda[:N] (CUDA present, device N existing), or mps. Raises ValueError saying what is
+    available, instead of torch's assertion deep inside `.to()`."""
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(spec)!r}: use auto, cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available")
+            raise ValueError(
+                f"device {str(spec)!r} asked for, but torch sees no CUDA device here (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use cpu"
+            )
         if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
+            return torch.device(f"cuda:{local_rank}")
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(spec)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(spec)!r} asked for, but MPS is not available here; use cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(spec)!r}: use auto, cpu, cuda, cuda:N or mps")
     return dev
 
 

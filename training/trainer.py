@@ -8,7 +8,8 @@ bundle at the end.
 
 Run directory: `config.yaml` (resolved), `checkpoints/step_NNNNNNN.pt` + `checkpoints/last.pt`
 (the `cotap-train-v1` format `load_model` reads, plus everything resume needs), `metrics.csv`,
-`curves.png` and `bundle/`.
+`curves.png`, `bundle/`, and `invocations.jsonl` (command line, host, device and versions of every
+start and resume; checkpoints and the bundle's manifest record the versions too).
 
 Exact resume: the data order is a pure function of (seed, epoch, position), every random draw of a
 step comes from generators seeded by (seed, rank, step), and schedules are functions of the step;
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,19 @@ from tqdm import tqdm
 
 from cotap.core.bundle import Bundle, sha256_file
 from cotap.core.preprocess import PreprocessConfig
+from cotap.core.version import environment
 from cotap.training.bundles import write_model_bundle
 from cotap.training.checkpoints import TRAIN_FORMAT, load_model
-from cotap.training.config import ConfigError, TrainConfig, config_to_dict, dump_config
+from cotap.training.config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    dump_config,
+    resume_changes,
+)
 from cotap.training.data.folders import open_dataset
-from cotap.training.data.neighbours import load_knn_file
+from cotap.training.data.neighbours import dataset_fingerprint, load_knn_file
 from cotap.training.data.pairs import PairBatch, PairedViews, collate_pairs
 from cotap.training.data.views import ViewConfig
 from cotap.training.distributed import (
@@ -54,6 +64,7 @@ from cotap.training.distributed import (
     mean_over_ranks,
     shutdown_distributed,
 )
+from cotap.training.interrupts import StepBoundaryInterrupt
 from cotap.training.method import LOSS_NAMES, CoTAPMethod, CoTAPNetwork, build_network
 from cotap.training.models import CoTAPViT, ViTConfig, build_model
 from cotap.training.run_log import MetricsLog, plot_metrics
@@ -62,6 +73,7 @@ from cotap.training.teacher import ema_update, make_teacher, momentum_at
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
+INVOCATIONS = "invocations.jsonl"  # argv, host, versions and device of every start and resume
 
 
 class TrainError(RuntimeError):
@@ -177,6 +189,14 @@ class Trainer:
         # Model: from scratch or from any checkpoint load_model accepts (on resume: the run's own).
         self.prototypes_from_init = False
         resume_ckpt = read_checkpoint(last) if resume else None
+        if resume_ckpt is not None and isinstance(resume_ckpt.get("config"), dict):
+            changed = resume_changes(resume_ckpt["config"], config)
+            if changed:
+                raise TrainError(
+                    f"--resume continues the run in {self.run_dir} as it was configured; these settings "
+                    f"differ from it: {'; '.join(changed)}. Drop those overrides, or start a new run "
+                    f"(another --out). Settings a resume may change: {', '.join(RESUMABLE_KEYS)}"
+                )
         if resume_ckpt is not None:
             backbone: CoTAPViT = CoTAPViT(ViTConfig.from_dict(resume_ckpt["model_config"]))
             self.arch = str(resume_ckpt["arch"])
@@ -210,13 +230,36 @@ class Trainer:
             )
         try:
             dataset = open_dataset(config.data.train)
-            nns = load_knn_file(config.data.knn, expected_len=len(dataset)) if config.data.knn else None
-        except (FileNotFoundError, ValueError) as e:
+            dataset[0]  # fails now, not steps later, when no image of a folder can be read
+            nns = None
+            self.knn_sha256: str | None = None
+            if config.data.knn:
+                nns = load_knn_file(
+                    config.data.knn,
+                    expected_len=len(dataset),
+                    expected_fingerprint=dataset_fingerprint(dataset),
+                )
+                self.knn_sha256 = sha256_file(config.data.knn)
+        except (FileNotFoundError, ValueError, IndexError) as e:
             raise TrainError(f"data: {e}") from e
+        if resume_ckpt is not None and resume_ckpt.get("knn_sha256", self.knn_sha256) != self.knn_sha256:
+            raise TrainError(
+                f"data.knn {config.data.knn} is not the neighbour file this run started with (its sha256 "
+                "changed): the resumed run would pair images differently. Restore the file, or start a "
+                "new run"
+            )
+        if nns is not None and config.data.k > nns.shape[1]:
+            raise TrainError(
+                f"data.k={config.data.k} but {config.data.knn} holds {nns.shape[1]} neighbours per image; "
+                f"set data.k={nns.shape[1]} or less, or rebuild it with `cotap train knn --k {config.data.k}`"
+            )
         self.data = PairedViews(dataset, self.views, nns, k=config.data.k, seed=config.seed)
-        self.order = ShardedOrder(
-            len(self.data), config.data.batch_size, self.env.rank, self.env.world_size, config.seed
-        )
+        try:
+            self.order = ShardedOrder(
+                len(self.data), config.data.batch_size, self.env.rank, self.env.world_size, config.seed
+            )
+        except ValueError as e:
+            raise TrainError(f"data: {e}; lower data.batch_size or use more images") from e
 
         # Networks, method, optimiser.
         student = build_network(backbone, config).to(device)
@@ -249,6 +292,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(config))
+            invocation = {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "argv": sys.argv,
+                "resumed_at_step": self.step if resume else None,
+                "world_size": self.env.world_size,
+                "device": str(device),
+                "cuda": torch.version.cuda,
+                **environment("torch", "numpy", "pillow"),
+            }
+            with (self.run_dir / INVOCATIONS).open("a") as f:  # one line per start or resume
+                f.write(json.dumps(invocation) + "\n")
         self.log = (
             MetricsLog(self.run_dir / "metrics.csv", LOSS_NAMES, resume_step=self.step if resume else None)
             if self.env.is_main
@@ -289,6 +343,8 @@ class Trainer:
             "step": self.step,
             "prototypes_initialized": self.method.prototypes_initialized,
             "config": config_to_dict(cfg),
+            "knn_sha256": self.knn_sha256,
+            "environment": environment("torch", "numpy", "pillow"),
             "init": self.init_note,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -432,10 +488,45 @@ class Trainer:
             unit="step",
         )
         batches = self._batches()
+        start_step, started = self.step, time.perf_counter()
+        interrupt = StepBoundaryInterrupt(self.device)
+        with interrupt:
+            checkpoint, last_row = self._loop(end, batches, bar, images_per_step, interrupt)
+        bar.close()
+        batches.close()
+        if interrupt.stopped:  # Ctrl+C: the step in progress finished and was checkpointed
+            if self.env.is_main:
+                print(
+                    f"\n{cfg.name}: interrupted after step {self.step}; saved {checkpoint}. Continue with: "
+                    f"cotap train --out {self.run_dir} --resume",
+                    file=sys.stderr,
+                )
+            raise KeyboardInterrupt
+        elapsed = time.perf_counter() - started
+        steps_per_s = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
+        plot = bundle = None
+        if self.env.is_main and cfg.plot and self.log is not None:
+            plot = plot_metrics(self.log.path, self.run_dir / "curves.png", title=cfg.name)
+        if self.step >= cfg.max_steps and cfg.bundle.enabled:
+            if self.env.is_main:
+                bundle = self.write_bundle(checkpoint or self.ckpt_dir / LAST).path
+            barrier()
+        return TrainResult(self.run_dir, self.step, checkpoint, bundle, plot, last_row, steps_per_s)
+
+    def _loop(
+        self,
+        end: int,
+        batches: Iterator[PairBatch],
+        bar: Any,
+        images_per_step: int,
+        interrupt: StepBoundaryInterrupt,
+    ) -> tuple[Path | None, dict[str, float]]:
+        """Steps until `end`, or until an interrupt (checkpointed at the step boundary); returns the
+        last checkpoint written and the last step's metrics row."""
+        cfg = self.config
         last_row: dict[str, float] = {}
         checkpoint: Path | None = None
-        start_step, started = self.step, time.perf_counter()
-        tick = started
+        started = tick = time.perf_counter()
         while self.step < end:
             batch = next(batches)
             row = self.train_step(batch)
@@ -451,22 +542,14 @@ class Trainer:
                 | {"img/s": f"{ips:.1f}"},
                 refresh=False,
             )
-            if self.log is not None and (self.step % cfg.log_every == 0 or self.step == end):
+            stop = interrupt.agreed()  # every rank stops after the same step
+            if self.log is not None and (self.step % cfg.log_every == 0 or self.step == end or stop):
                 self.log.append(row)
-            if self.step % cfg.checkpoint_every == 0 or self.step == end:
+            if self.step % cfg.checkpoint_every == 0 or self.step == end or stop:
                 checkpoint = self.save_checkpoint()
-        bar.close()
-        batches.close()
-        elapsed = time.perf_counter() - started
-        steps_per_s = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
-        plot = bundle = None
-        if self.env.is_main and cfg.plot and self.log is not None:
-            plot = plot_metrics(self.log.path, self.run_dir / "curves.png", title=cfg.name)
-        if self.step >= cfg.max_steps and cfg.bundle.enabled:
-            if self.env.is_main:
-                bundle = self.write_bundle(checkpoint or self.ckpt_dir / LAST).path
-            barrier()
-        return TrainResult(self.run_dir, self.step, checkpoint, bundle, plot, last_row, steps_per_s)
+            if stop:
+                break
+        return checkpoint, last_row
 
     def write_bundle(self, checkpoint: Path) -> Bundle:
         """The run's backbone (teacher by default) as a bundle in `run_dir/bundle`."""
@@ -493,7 +576,12 @@ class Trainer:
             ),
             prototypes_initialized=self.method.prototypes_initialized,
             source=source,
-            build={"trainer": "cotap.training.trainer", "step": self.step, "config": config_to_dict(cfg)},
+            build={
+                "trainer": "cotap.training.trainer",
+                "step": self.step,
+                "config": config_to_dict(cfg),
+                "environment": environment("torch", "numpy", "pillow"),
+            },
             overwrite=True,
         )
 
@@ -502,7 +590,10 @@ def train(
     config: TrainConfig, out_dir: str | os.PathLike[str], resume: bool = False, stop_at: int | None = None
 ) -> TrainResult:
     """Join the process group torchrun describes (if any), run, and leave it."""
-    env = init_distributed(config.device)
+    try:
+        env = init_distributed(config.device)
+    except ValueError as e:  # a device this machine lacks, a bad torchrun environment
+        raise TrainError(f"config key device: {e}") from e
     try:
         return Trainer(config, out_dir, resume=resume, env=env).fit(stop_at=stop_at)
     finally:

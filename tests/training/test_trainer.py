@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -113,6 +115,38 @@ def test_resume_from_step_10_matches_unbroken_run(unbroken: tuple[Trainer, Path]
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 21))
 
 
+def test_ctrl_c_checkpoints_the_step_and_the_resume_is_exact(
+    unbroken: tuple[Trainer, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGINT in the middle of step 3 (checkpoints every 10): the step finishes, is saved, and the
+    run stops with a resume hint; resuming then gives the unbroken run's weights."""
+    import os
+    import signal
+
+    full, _ = unbroken
+    first = Trainer(tiny_config(), tmp_path / "int")
+    step = first.train_step
+
+    def step_with_ctrl_c(batch: Any) -> Any:
+        if first.step == 2:  # during the third step
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(batch)
+
+    first.train_step = step_with_ctrl_c  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    assert read_checkpoint(tmp_path / "int" / "checkpoints" / "last.pt")["step"] == 3
+    err = capsys.readouterr().err
+    assert "interrupted after step 3" in err and f"cotap train --out {tmp_path / 'int'} --resume" in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    second = Trainer(tiny_config(), tmp_path / "int", resume=True)
+    assert second.step == 3
+    second.fit()
+    a, b = weights(full), weights(second)
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+
+
 def test_checkpoint_and_bundle_load(unbroken: tuple[Trainer, Path]) -> None:
     trainer, out = unbroken
     ckpt = out / "checkpoints" / "last.pt"
@@ -130,6 +164,11 @@ def test_checkpoint_and_bundle_load(unbroken: tuple[Trainer, Path]) -> None:
     bundle = read_bundle(out / "bundle")
     assert bundle.config.prototypes_initialized and bundle.config.arch == "cotap_test"
     assert bundle.manifest["build"]["step"] == 20 and bundle.manifest["source"]["which"] == "teacher"
+    env = bundle.manifest["build"]["environment"]
+    assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert raw["environment"]["python"] and raw["environment"]["host"]
+    runs = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert len(runs) == 1 and runs[0]["resumed_at_step"] is None and runs[0]["argv"]
     loaded = load_model(out / "bundle")
     with torch.no_grad():
         x = torch.randn(1, 3, 32, 32)
@@ -143,6 +182,68 @@ def test_refuses_existing_run_and_missing_resume(unbroken: tuple[Trainer, Path],
         Trainer(tiny_config(), out)
     with pytest.raises(TrainError, match="no checkpoint"):
         Trainer(tiny_config(), tmp_path / "nothing", resume=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["device=tpu"], "config key device: unknown device 'tpu'"),
+        (["device=cuda"], "config key device: .*no CUDA device here"),
+        (["data.train=synthetic:3:0:48"], "smaller than one global batch.*lower data.batch_size"),
+    ],
+)
+def test_setups_that_cannot_run_are_train_errors(tmp_path: Path, overrides: list[str], match: str) -> None:
+    """What `cotap train` turns into one line (exit 2), not a traceback."""
+    from cotap.training.trainer import train
+
+    if "device=cuda" in overrides and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(TrainError, match=match):
+        train(tiny_config(*overrides), tmp_path / "run")
+
+
+def test_neighbour_files_must_fit_the_dataset_and_the_run(tmp_path: Path) -> None:
+    from cotap.training.data.neighbours import build_knn_file
+
+    bundle_dir = tmp_path / "b"
+    from cotap.core.preprocess import PreprocessConfig
+    from cotap.training.bundles import write_model_bundle
+    from cotap.training.models import build_model
+
+    write_model_bundle(
+        build_model("cotap_test").eval(),
+        "cotap_test",
+        bundle_dir,
+        name="tiny",
+        preprocess=PreprocessConfig(size=(32, 32), patch_size=8),
+    )
+    nns = build_knn_file("synthetic:32:0:48", bundle_dir, k=3, out=tmp_path / "nns.npz", progress=False)
+    base = ["max_steps=2", f"data.knn={nns}", "bundle.enabled=false", "plot=false"]
+    with pytest.raises(TrainError, match="another dataset"):  # built for other images
+        Trainer(tiny_config(*base, "data.k=3", "data.train=synthetic:32:1:48"), tmp_path / "a")
+    with pytest.raises(TrainError, match=r"data.k=7 but .* holds 3 neighbours"):
+        Trainer(tiny_config(*base, "data.k=7"), tmp_path / "b")
+    run = Trainer(tiny_config(*base, "data.k=3"), tmp_path / "c")
+    run.fit(stop_at=1)
+    build_knn_file("synthetic:32:0:48", bundle_dir, k=2, out=nns, progress=False)  # replaced under the run
+    with pytest.raises(TrainError, match="not the neighbour file this run started with"):
+        Trainer(tiny_config(*base, "data.k=3"), tmp_path / "c", resume=True)
+
+
+def test_resume_refuses_settings_that_would_make_another_run(
+    unbroken: tuple[Trainer, Path], tmp_path: Path
+) -> None:
+    """A resume continues the recorded run: a changed seed, learning rate or model is named and
+    refused (the record would claim it for the whole run); running longer is fine."""
+    out = tmp_path / "run"
+    shutil.copytree(unbroken[1], out)
+    with pytest.raises(TrainError) as e:
+        Trainer(tiny_config("seed=3", "optim.lr=1.0", "heads.hidden_dim=48"), out, resume=True)
+    message = str(e.value)
+    assert "seed: 0 -> 3" in message and "optim.lr:" in message and "heads.hidden_dim:" in message
+    assert "max_steps" in message  # the list of what may change
+    longer = Trainer(tiny_config("max_steps=25", "log_every=5", "plot=false"), out, resume=True)
+    assert longer.step == 20 and longer.config.max_steps == 25
 
 
 def test_ablation_switches_and_init_from_bundle(unbroken: tuple[Trainer, Path], tmp_path: Path) -> None:
@@ -245,6 +346,12 @@ def test_cli_knn_then_train_with_neighbour_pairs(
     assert trainer.data.nns is not None and trainer.step == 2
     assert "data.knn is not set" not in capsys.readouterr().err
     assert cli_main(["train", "knn", "--data", "synthetic:4"]) == 2  # missing --checkpoint/--out
+    capsys.readouterr()
+    # options of the other command are refused, not ignored
+    assert cli_main(["train", "--out", str(tmp_path / "x"), "--batch-size", "2", "--k", "3"]) == 2
+    assert "--k, --batch-size belong to `cotap train knn`" in capsys.readouterr().err
+    assert cli_main([*args[:-2], "--out", str(tmp_path / "n2.npz"), "--resume"]) == 2
+    assert "--resume belong to `cotap train`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,13 @@ class ImageFolder:
             image = self._try(j)
             if image is not None:
                 return image
-        raise RuntimeError(f"none of the {n} images under {self.root} could be read; see .failures")
+        raise ValueError(f"none of the {n} images under {self.root} could be read: {self._failure_text()}")
+
+    def _failure_text(self, most: int = 3) -> str:
+        """The first failures, "path (reason)", for messages."""
+        shown = "; ".join(f"{path} ({reason})" for path, reason in self.failures[:most])
+        more = len(self.failures) - most
+        return shown + (f"; and {more} more" if more > 0 else "")
 
     def validate(self, progress: bool = False) -> list[tuple[str, str]]:
         """Decode every file; drop the unreadable ones from `paths`. Returns the failures."""
@@ -143,7 +149,7 @@ class ImageFolder:
         self.paths = [p for i, p in enumerate(self.paths) if i not in self._failed]
         self._failed = set()
         if not self.paths:
-            raise RuntimeError(f"none of the images under {self.root} could be read; see .failures")
+            raise ValueError(f"none of the images under {self.root} could be read: {self._failure_text()}")
         return self.failures
 
 
@@ -269,12 +275,18 @@ class SegmentationFolder:
         return self._num_classes
 
     def mask(self, index: int) -> np.ndarray:
-        return read_mask(self.mask_paths[index], self.label_map)
+        try:
+            return read_mask(self.mask_paths[index], self.label_map)
+        except OSError as e:  # truncated or not a PNG: PIL's message may not name the file
+            raise ValueError(f"{self.mask_paths[index]}: not a readable mask PNG: {e}") from e
 
     def image(self, index: int) -> np.ndarray:
         path = self.image_paths[index]
         data = path.read_bytes()
-        image, _ = decode_image(data, self.limits)
+        try:
+            image, _ = decode_image(data, self.limits)
+        except ImageDecodeError as e:  # the decoder's message never names the file
+            raise ImageDecodeError(f"{path}: {e}", e.code) from e
         with Image.open(io.BytesIO(data)) as raw:
             orientation = raw.getexif().get(_ORIENTATION_TAG, 1)
         if orientation in _UNDO_ORIENTATION:
