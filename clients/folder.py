@@ -319,7 +319,9 @@ def embed_folder(
         header = {k: record[k] for k in ("model", "bundle_sha256", "outputs", "normalize", "dtype")}
         writer = ShardWriter(dst, shard_size, header, fresh=overwrite or not (dst / INDEX).exists())
         done = writer.done & set(files)
-    elif overwrite:
+    elif overwrite:  # nothing of the earlier run stays: one folder never mixes two sets of features
+        for old in dst.rglob(f"*{SUFFIX}"):
+            old.unlink()
         done = set()
     else:
         done = {rel for rel in files if feature_path(dst, rel).exists()}

@@ -20,9 +20,11 @@ Rules (TensorRT documentation, "Engine Compatibility"):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from cotap.core.artifacts import INPUT_NAME
 
@@ -174,3 +176,23 @@ def set_engine_input_shape(
             f"TensorRT refused input shape {tuple(shape)} for optimisation profile {profile} "
             f"(batch {batch[0]}..{batch[1]} at its size)"
         )
+
+
+def profile_for(sizes: Sequence[tuple[int, int]], h: int, w: int) -> int:
+    """The optimisation profile serving input size (h, w): its index in the record's `sizes`."""
+    try:
+        return list(sizes).index((h, w))
+    except ValueError:
+        raise ValueError(
+            f"the TensorRT engine has no optimisation profile for input size {h}x{w} (it serves "
+            + ", ".join(f"{a}x{b}" for a, b in sizes)
+            + ")"
+        ) from None
+
+
+def pad_batch(images: np.ndarray, min_batch: int) -> np.ndarray:
+    """`images` with its last image repeated up to `min_batch` (profiles start at min_batch); the
+    caller keeps the first len(images) rows of each output."""
+    if len(images) >= min_batch:
+        return images
+    return np.concatenate([images, np.repeat(images[-1:], min_batch - len(images), axis=0)])

@@ -64,6 +64,11 @@ def _registry_config(requested: str) -> ViTConfig:
 def check_arch(requested: str, loaded: LoadedModel, source: Path) -> None:
     """After loading: `requested`'s registry config must match the loaded model's structure (shapes
     do not show the number of heads, a recorded config may differ from the registry's)."""
+    recorded_name = loaded.bundle.config.arch if loaded.bundle is not None else None
+    if loaded.layout == "cotap":
+        recorded_name = loaded.arch
+    if recorded_name == requested:  # load_model held the recorded name to the request already; a run
+        return  # with model.overrides records its arch name but not the registry's structure
     diffs = _structure_diffs(loaded.model.config, _registry_config(requested))
     if diffs:
         recorded = loaded.bundle.config.arch if loaded.bundle is not None else None
@@ -122,7 +127,7 @@ def export_bundle(
         size = inherited.size
         resize = inherited.resize
     else:
-        resize = resize or "fixed"
+        resize = resize or (inherited.resize if inherited is not None else "fixed")
         if size is None:
             size = _default_size(loaded.model)
         if mean is None and inherited is not None:

@@ -46,8 +46,10 @@ from cotap.core.bundle import add_files, read_bundle, sha256_file
 from cotap.core.engine_compat import (
     DeviceFacts,
     deserialize_plan,
+    pad_batch,
     parse_compute_capability,
     parse_version,
+    profile_for,
     set_engine_input_shape,
 )
 from cotap.core.version import install_hint
@@ -492,7 +494,7 @@ class EngineRunner:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         h, w = images.shape[-2:]
-        profile = self.sizes.index((h, w))
+        profile = profile_for(self.sizes, int(h), int(w))
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
         self.stream.wait_stream(torch.cuda.current_stream())  # the input copy is done first
         with torch.cuda.stream(self.stream):
@@ -617,9 +619,7 @@ def _gate_engine(
         got: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
         for i in range(0, len(x), chunk):
             part = x[i : i + chunk]
-            if len(part) < target.min_batch:  # pad up to the profile's minimum batch
-                part = np.concatenate([part, np.repeat(part[-1:], target.min_batch - len(part), 0)])
-            out = runner(part)
+            out = runner(pad_batch(part, target.min_batch))  # profiles start at min_batch
             for k in OUTPUT_NAMES:
                 got[k].append(out[k][: len(x[i : i + chunk])])
         report = compare_outputs(

@@ -38,7 +38,7 @@ def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
         """Refuses (431) a request whose line and headers exceed `max_header_bytes`.
 
         Two counts, either of which refuses: the request line and headers as the parser hands
-        them over (exact, whatever reads they came in), and, for headers still incomplete, the
+        them over (at most their size on the wire, whatever reads they came in), and, for headers still incomplete, the
         bytes of every read after the one in which the request began (that read's start may hold
         the end of an earlier pipelined request), so a header that never ends is held to the
         limit plus one read. No request under the limit is ever refused.
@@ -66,15 +66,15 @@ def http_protocol(header_timeout_s: float, max_header_bytes: int) -> Any:
             self._in_head = True
             self._began_in_read = True
             self._head_bytes = 0
-            self._parsed_bytes = 0
+            self._parsed_bytes = len("GET  HTTP/1.1\r\n")  # the request line around its URL, once
             self._arm()
 
-        def on_url(self, url: bytes) -> None:
-            self._count_parsed(len(url) + len("GET  HTTP/1.1\r\n"))
+        def on_url(self, url: bytes) -> None:  # called once per read the URL spans
+            self._count_parsed(len(url))
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._count_parsed(len(name) + len(value) + len(": \r\n"))
+            self._count_parsed(len(name) + len(value) + len(":\r\n"))  # the space after ':' is optional
             super().on_header(name, value)
 
         def _count_parsed(self, n: int) -> None:

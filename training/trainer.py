@@ -494,7 +494,7 @@ class Trainer:
             checkpoint, last_row = self._loop(end, batches, bar, images_per_step, interrupt)
         bar.close()
         batches.close()
-        if interrupt.stopped:  # Ctrl+C: the step in progress finished and was checkpointed
+        if interrupt.stopped and self.step < end:  # Ctrl+C: the step in progress finished and was saved
             if self.env.is_main:
                 print(
                     f"\n{cfg.name}: interrupted after step {self.step}; saved {checkpoint}. Continue with: "

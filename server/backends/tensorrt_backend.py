@@ -25,6 +25,8 @@ from cotap.core.engine_compat import (
     DeviceFacts,
     deserialize_plan,
     engine_compatibility,
+    pad_batch,
+    profile_for,
     set_engine_input_shape,
 )
 from cotap.server.backends.base import Backend, BackendError, BackendOptions, cuda_index
@@ -112,26 +114,6 @@ def usable_engine(
     )
 
 
-def profile_for(sizes: Sequence[tuple[int, int]], h: int, w: int) -> int:
-    """The optimisation profile serving input size (h, w): its index in the record's `sizes`."""
-    try:
-        return list(sizes).index((h, w))
-    except ValueError:
-        raise BackendError(
-            f"the TensorRT engine has no optimisation profile for input size {h}x{w} (it serves "
-            + ", ".join(f"{a}x{b}" for a, b in sizes)
-            + ")"
-        ) from None
-
-
-def pad_batch(images: np.ndarray, min_batch: int) -> np.ndarray:
-    """`images` with its last image repeated up to `min_batch` (profiles start at min_batch); the
-    caller keeps the first len(images) rows of each output."""
-    if len(images) >= min_batch:
-        return images
-    return np.concatenate([images, np.repeat(images[-1:], min_batch - len(images), axis=0)])
-
-
 class ProfileBinding:
     """Which profile an execution context has selected, and the input shape set on it.
 
@@ -148,7 +130,10 @@ class ProfileBinding:
 
     def bind(self, shape: tuple[int, ...], stream_handle: int) -> int:
         """Select the profile of `shape` (B, 3, H, W) and set the input shape; returns the profile."""
-        profile = profile_for(self.sizes, int(shape[2]), int(shape[3]))
+        try:
+            profile = profile_for(self.sizes, int(shape[2]), int(shape[3]))
+        except ValueError as e:
+            raise BackendError(str(e)) from None
         if profile != self.active:
             if not self.context.set_optimization_profile_async(profile, stream_handle):
                 raise RuntimeError(f"TensorRT could not select optimisation profile {profile}")

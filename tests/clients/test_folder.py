@@ -141,6 +141,8 @@ def test_refuses_another_source_folder(server_url: str, tmp_path: Path) -> None:
         redo = client.embed_folder(tmp_path / "setB", dst, overwrite=True, progress=False)
     assert redo.written == 3 and len(redo.failures) == 1  # the empty file
     assert str((tmp_path / "setB").resolve()) in (dst / "embed.json").read_text()
+    kept = _features(dst)  # setA's features of the image that failed in setB are gone too
+    assert len(kept) == 3 and redo.failures[0].path not in kept, (redo.failures[0].path, sorted(kept))
 
 
 def test_a_server_gone_mid_run_stops_the_run(tiny_bundle: Path, tmp_path: Path) -> None:

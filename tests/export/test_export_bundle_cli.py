@@ -211,3 +211,47 @@ def test_messages_name_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["export", "bundle", "--checkpoint", str(odd), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "pass --arch explicitly" in err and "arch=" not in err
+
+
+def test_recorded_arch_with_overrides_and_inherited_resize(tmp_path: Path) -> None:
+    """A run with model.overrides records its registry name but not the registry's structure: that
+    name is still its own. And `--size` alone keeps a source bundle's resize policy."""
+    from cotap.core.preprocess import PreprocessConfig
+    from cotap.training.bundles import write_model_bundle
+    from cotap.training.models import build_model
+
+    deeper = _cotap_ckpt(tmp_path / "deeper.pt")
+    raw = torch.load(deeper, weights_only=True)
+    raw["model_config"] = {**raw["model_config"], "use_filter": False}  # an override of cotap_test
+    torch.save(raw, deeper)
+    assert (
+        main(
+            [
+                "export",
+                "bundle",
+                "--checkpoint",
+                str(deeper),
+                "--arch",
+                "cotap_test",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
+    src = write_model_bundle(
+        build_model("cotap_test").eval(),
+        "cotap_test",
+        tmp_path / "short",
+        name="short",
+        preprocess=PreprocessConfig(resize="shorter_side", size=32, patch_size=8),
+        input_sizes=[(32, 32)],
+    )
+    assert (
+        main(
+            ["export", "bundle", "--checkpoint", str(src.path), "--size", "48", "--out", str(tmp_path / "s2")]
+        )
+        == 0
+    )
+    again = read_bundle(tmp_path / "s2").config.preprocess
+    assert again.resize == "shorter_side" and again.size == 48

@@ -313,7 +313,8 @@ def test_onnxruntime_tensorrt_provider_gets_a_profile_and_a_cache_dir(
 
 def test_tensorrt_backend_selects_the_profile_of_each_size() -> None:
     """Profile i serves record.sizes[i]; a fake execution context records what it is told."""
-    from cotap.server.backends.tensorrt_backend import ProfileBinding, pad_batch
+    from cotap.core.engine_compat import pad_batch
+    from cotap.server.backends.tensorrt_backend import ProfileBinding
 
     class Context:
         def __init__(self) -> None:
