@@ -10,7 +10,6 @@ precision (`cotap.export.quantize`), checked with `onnx.checker`, gated against 
 from __future__ import annotations
 
 import os
-import platform
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -18,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
 from tqdm import tqdm
 
 from cotap.core.artifacts import ONNX_KEY, PRECISIONS, OnnxArtifact, replace_record
 from cotap.core.bundle import add_files, read_bundle, sha256_file
-from cotap.core.version import __version__
+from cotap.core.version import environment
 from cotap.export.fixtures import check_sizes, fixture_images, folder_images
 from cotap.export.gate import GateError, GateThresholds, run_gate
 from cotap.export.graph import DEFAULT_OPSET, export_fp32
@@ -150,12 +148,7 @@ def export_onnx(
                     "fixture_count": fixture_count,
                     "thresholds": asdict(report.thresholds),
                 },
-                "versions": {
-                    "cotap": __version__,
-                    "torch": torch.__version__,
-                    "onnx": onnx.__version__,
-                    "python": platform.python_version(),
-                },
+                "versions": environment("torch", "onnx", "onnxruntime"),
             },
         )
         records = list(read_bundle(bundle.path).artifacts.get(ONNX_KEY, []))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cotap.core.version import __version__
+from cotap.core.version import environment
 from cotap.training.checkpoints import LoadedModel
 from cotap.training.eval.checks import check_int
 from cotap.training.eval.correspondence import CorrespondenceConfig, run_correspondence
@@ -316,8 +316,8 @@ class Evaluator:
             "seeds": list(seeds) if seeds else None,
             "timing_s": {"total": time.perf_counter() - t0, **self.timing},
             "environment": {
-                "cotap": __version__,
-                "torch": torch.__version__,
+                **environment("torch", "numpy", "pillow"),
+                "torch_build": torch.__version__,
                 "threads": torch_threads,
                 "device": str(self.model.device),
             },
