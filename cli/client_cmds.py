@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from cotap.cli.common import CLIError
+from cotap.cli.common import CLIError, int_at_least, number_in
 
 CONNECTION_EPILOG = """
 The server comes from --url or COTAP_URL (default http://127.0.0.1:8000), the key from --api-key or
@@ -39,21 +39,8 @@ def _connection_options() -> argparse.ArgumentParser:
     return common
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_fraction = number_in(0, 1, open_ends=False)
+_positive = int_at_least(1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -270,7 +257,7 @@ def _save_arrays(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> No
     import numpy as np
     from safetensors.numpy import save
 
-    from cotap.client.store import metadata_strings
+    from cotap.core.wire import metadata_strings
 
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items() if v is not None}
     body = save(tensors, metadata=metadata_strings(meta))

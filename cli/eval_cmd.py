@@ -7,65 +7,15 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cotap.cli.common import CLIError, parse_size, require
+from cotap.cli.common import CLIError, int_at_least, ints_at_least, number_in, parse_size, require
 
 PROTOCOL_HELP = (
     "linear | retrieval | overcluster | correspondence | knn | all, or a comma list such as linear,knn"
 )
-
-
-# Flag types: each refuses a value out of its range at parse time (argparse's usage line and one
-# error line, exit status 2), so that no flag is silently replaced by its default.
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _ints_at_least(minimum: int) -> Callable[[str], list[int]]:
-    def parse(text: str) -> list[int]:
-        one = _int_at_least(minimum)
-        try:
-            values = [one(t.strip()) for t in text.split(",") if t.strip()]
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentTypeError(f"{e} (in {text!r})") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-        return values
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _open_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
 
 
 def _positive_size(text: str) -> tuple[int, int]:
@@ -75,8 +25,10 @@ def _positive_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-_positive = _int_at_least(1)
-_seed = _int_at_least(0)
+_positive = int_at_least(1)
+_seed = int_at_least(0)
+_positive_float = number_in(0, math.inf, open_ends=True)
+_open_fraction = number_in(0, 1, open_ends=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=_positive, help="number of mask classes, if the data cannot tell")
     p.add_argument("--seed", type=_seed, default=0, help="seed of every protocol (default 0)")
     p.add_argument(
-        "--seeds", type=_ints_at_least(0), help="run each protocol once per seed, e.g. 0,1,2: mean and std"
+        "--seeds", type=ints_at_least(0), help="run each protocol once per seed, e.g. 0,1,2: mean and std"
     )
     p.add_argument("--config", help="YAML or JSON file of EvalConfig fields (flags given here override it)")
     p.add_argument("--batch-size", type=_positive, help="images per forward pass (default 32)")
@@ -128,13 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-size", type=_positive, help="retrieval: memory bank patches (default 102400)")
     p.add_argument(
         "--clusters",
-        type=_ints_at_least(1),
+        type=ints_at_least(1),
         help="overcluster: K values, e.g. 21,100 (default: the class count)",
     )
     p.add_argument(
         "--pairs", type=_positive, help="correspondence: number of val images to warp (default all)"
     )
-    p.add_argument("--knn-k", type=_ints_at_least(1), help="knn: k values (default 10,20)")
+    p.add_argument("--knn-k", type=ints_at_least(1), help="knn: k values (default 10,20)")
     p.add_argument("--report", help="write PNG figures and index.html here")
     p.add_argument("--json", help="write the full results (metrics, resolved config, timings) here")
     p.add_argument("--cache", help="cache extracted features in this folder and reuse them")

@@ -28,7 +28,7 @@ from safetensors.numpy import save as save_safetensors
 
 from cotap.client.protocol import item_tensor, read_metadata
 from cotap.client.results import Embedding
-from cotap.core.wire import CLS, PATCH
+from cotap.core.wire import CLS, PATCH, metadata_strings
 
 FEATURES_FORMAT = "cotap-features-v1"
 SHARDS_FORMAT = "cotap-feature-shards-v1"
@@ -71,12 +71,6 @@ def remove_stale_tmp(dst: Path) -> int:
             path.unlink(missing_ok=True)
             n += 1
     return n
-
-
-def metadata_strings(values: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata (strings only), as the server writes it: strings as they are, anything
-    else JSON (so `read_metadata` gives back the same values)."""
-    return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in values.items()}
 
 
 def encode_features(rel: str, e: Embedding) -> bytes:

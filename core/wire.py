@@ -5,7 +5,9 @@ Server and client both read these, so that a rename cannot drift between the two
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
+from typing import Any
 
 # Model outputs (DESIGN.md, "The model contract").
 PATCH = "patch"  # (N, h, w, C)
@@ -78,3 +80,9 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.INTERNAL: 500,
 }
+
+
+def metadata_strings(values: dict[str, Any]) -> dict[str, str]:
+    """safetensors `__metadata__` (str -> str) as both sides write it: strings as they are, anything
+    else compact JSON, so that a reader gets the same values back."""
+    return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in values.items()}

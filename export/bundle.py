@@ -18,7 +18,7 @@ from cotap.core.bundle import Bundle, BundleError
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from cotap.training.bundles import write_model_bundle
 from cotap.training.checkpoints import CheckpointError, LoadedModel, load_model
-from cotap.training.models import CoTAPViT, ViTConfig, model_config
+from cotap.training.models import ViTConfig, model_config
 
 # The fields that make two models different networks. The rest are set per checkpoint (img_size,
 # prototypes and kernel size are read from the tensors' shapes) or matter in training only.
@@ -64,19 +64,12 @@ def _registry_config(requested: str) -> ViTConfig:
 def check_arch(requested: str, loaded: LoadedModel, source: Path) -> None:
     """After loading: `requested`'s registry config must match the loaded model's structure (shapes
     do not show the number of heads, a recorded config may differ from the registry's)."""
-    recorded_name = loaded.bundle.config.arch if loaded.bundle is not None else None
-    if loaded.layout == "cotap":
-        recorded_name = loaded.arch
-    if recorded_name == requested:  # load_model held the recorded name to the request already; a run
-        return  # with model.overrides records its arch name but not the registry's structure
+    recorded = loaded.arch if loaded.layout in ("bundle", "cotap") else None  # the name the file records
+    if recorded == requested:  # a run with model.overrides records its arch name, not the registry's
+        return  # structure; load_model refused any other name already
     diffs = _structure_diffs(loaded.model.config, _registry_config(requested))
     if diffs:
-        recorded = loaded.bundle.config.arch if loaded.bundle is not None else None
         raise _arch_refusal(requested, source, recorded, diffs)
-
-
-def _default_size(model: CoTAPViT) -> int:
-    return int(model.config.img_size)
 
 
 def export_bundle(
@@ -129,7 +122,7 @@ def export_bundle(
     else:
         resize = resize or (inherited.resize if inherited is not None else "fixed")
         if size is None:
-            size = _default_size(loaded.model)
+            size = int(loaded.model.config.img_size)  # the grid it was trained on
         if mean is None and inherited is not None:
             mean = inherited.mean
         if std is None and inherited is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 from collections.abc import AsyncGenerator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from cotap.core.wire import JSON_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE, ErrorCode
+from cotap.core.wire import JSON_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE, ErrorCode, metadata_strings
 from cotap.server.errors import ServerError
 
 PayloadKind = Literal["images", "pairs"]
@@ -260,14 +259,9 @@ def wants_binary(request: Request) -> bool:
     return binary > 0 and binary >= _accept_quality(accept, "application/json")
 
 
-def _meta_strings(metadata: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata is str -> str: strings stay, everything else is JSON-encoded."""
-    return {k: v if isinstance(v, str) else json.dumps(v, separators=(",", ":")) for k, v in metadata.items()}
-
-
 def encode_safetensors(result: Result) -> bytes:
     tensors = {k: np.ascontiguousarray(v) for k, v in result.tensors.items()}
-    return save_safetensors(tensors, metadata=_meta_strings(result.metadata))
+    return save_safetensors(tensors, metadata=metadata_strings(result.metadata))
 
 
 def json_too_big(size: str, max_bytes: int) -> ServerError:

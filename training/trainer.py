@@ -185,6 +185,7 @@ class Trainer:
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
+        self.environment = environment("torch", "numpy", "pillow")  # recorded by logs, checkpoints, bundle
 
         # Model: from scratch or from any checkpoint load_model accepts (on resume: the run's own).
         self.prototypes_from_init = False
@@ -299,7 +300,7 @@ class Trainer:
                 "world_size": self.env.world_size,
                 "device": str(device),
                 "cuda": torch.version.cuda,
-                **environment("torch", "numpy", "pillow"),
+                **self.environment,
             }
             with (self.run_dir / INVOCATIONS).open("a") as f:  # one line per start or resume
                 f.write(json.dumps(invocation) + "\n")
@@ -344,7 +345,7 @@ class Trainer:
             "prototypes_initialized": self.method.prototypes_initialized,
             "config": config_to_dict(cfg),
             "knn_sha256": self.knn_sha256,
-            "environment": environment("torch", "numpy", "pillow"),
+            "environment": self.environment,
             "init": self.init_note,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -580,7 +581,7 @@ class Trainer:
                 "trainer": "cotap.training.trainer",
                 "step": self.step,
                 "config": config_to_dict(cfg),
-                "environment": environment("torch", "numpy", "pillow"),
+                "environment": self.environment,
             },
             overwrite=True,
         )

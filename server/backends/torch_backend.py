@@ -17,6 +17,7 @@ from cotap.core.bundle import WEIGHTS, Bundle
 from cotap.server.backends.base import Backend, BackendError, BackendOptions
 from cotap.server.backends.torch_ops import TorchOps
 from cotap.training.checkpoints import load_state_dict_strict
+from cotap.training.distributed import resolve_device as checked_device
 from cotap.training.models import CoTAPViT, ViTConfig
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -24,24 +25,13 @@ _threads_lock = threading.Lock()
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda'/'cuda:N' must exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The training side's device check (auto, cpu, cuda[:N] that exists) as a BackendError; the
+    torch backend runs on cpu or cuda."""
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise BackendError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BackendError(
-                f"device {device!r} asked for, but torch sees no CUDA device here "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BackendError(
-                f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif dev.type != "cpu":
+        dev = checked_device(device)
+    except ValueError as e:
+        raise BackendError(str(e)) from None
+    if dev.type not in ("cpu", "cuda"):
         raise BackendError(f"the torch backend runs on cpu or cuda, not {dev.type!r}")
     return dev
 

@@ -202,21 +202,12 @@ def test_setups_that_cannot_run_are_train_errors(tmp_path: Path, overrides: list
         train(tiny_config(*overrides), tmp_path / "run")
 
 
-def test_neighbour_files_must_fit_the_dataset_and_the_run(tmp_path: Path) -> None:
+def test_neighbour_files_must_fit_the_dataset_and_the_run(
+    unbroken: tuple[Trainer, Path], tmp_path: Path
+) -> None:
     from cotap.training.data.neighbours import build_knn_file
 
-    bundle_dir = tmp_path / "b"
-    from cotap.core.preprocess import PreprocessConfig
-    from cotap.training.bundles import write_model_bundle
-    from cotap.training.models import build_model
-
-    write_model_bundle(
-        build_model("cotap_test").eval(),
-        "cotap_test",
-        bundle_dir,
-        name="tiny",
-        preprocess=PreprocessConfig(size=(32, 32), patch_size=8),
-    )
+    bundle_dir = unbroken[1] / "bundle"
     nns = build_knn_file("synthetic:32:0:48", bundle_dir, k=3, out=tmp_path / "nns.npz", progress=False)
     base = ["max_steps=2", f"data.knn={nns}", "bundle.enabled=false", "plot=false"]
     with pytest.raises(TrainError, match="another dataset"):  # built for other images
