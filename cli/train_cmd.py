@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from cotap.cli.common import CLIError, require
+from cotap.cli.common import CLIError, int_at_least, require
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help="run directory (train) or neighbour file (knn)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--stop-at", type=int, help="stop after this step (checkpointed; resume later)")
+    p.add_argument(
+        "--stop-at",
+        type=int_at_least(1),
+        metavar="STEP",
+        help="stop after this step (checkpointed; resume later)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     knn = p.add_argument_group("knn")
     knn.add_argument("--data", help="knn: image folder or synthetic:N[:seed[:size]]")
@@ -107,7 +112,8 @@ def _train(args: argparse.Namespace) -> int:
         "steps_per_s": round(result.steps_per_s, 4),
         "last": {k: round(v, 5) for k, v in result.last_metrics.items() if k.startswith("loss")},
     }
-    print(json.dumps(summary, indent=2))
+    if result.is_main:  # under torchrun every rank returns here; one summary is enough
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -89,6 +89,7 @@ class TrainResult:
     plot: Path | None
     last_metrics: dict[str, float]
     steps_per_s: float
+    is_main: bool = True  # rank 0 (or a single process): the one that reports
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -287,6 +288,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.position = 0
+        self.train_time_s = 0.0  # wall clock spent in steps, summed over every start and resume
         if resume_ckpt is not None:
             self._load(resume_ckpt, last)
         if self.env.is_main:
@@ -342,6 +344,7 @@ class Trainer:
                 "teacher": self.teacher.heads().state_dict(),
             },
             "step": self.step,
+            "train_time_s": self.train_time_s,
             "prototypes_initialized": self.method.prototypes_initialized,
             "config": config_to_dict(cfg),
             "knn_sha256": self.knn_sha256,
@@ -380,6 +383,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.method.load_state_dict(ckpt["method"])
         self.step = int(ckpt["step"])
+        self.train_time_s = float(ckpt.get("train_time_s", 0.0))  # 0 for older checkpoints
         self.epoch = int(ckpt["data"]["epoch"])
         self.position = int(ckpt["data"]["position"])
         set_rng_state(ckpt["rng"])
@@ -512,7 +516,9 @@ class Trainer:
             if self.env.is_main:
                 bundle = self.write_bundle(checkpoint or self.ckpt_dir / LAST).path
             barrier()
-        return TrainResult(self.run_dir, self.step, checkpoint, bundle, plot, last_row, steps_per_s)
+        return TrainResult(
+            self.run_dir, self.step, checkpoint, bundle, plot, last_row, steps_per_s, self.env.is_main
+        )
 
     def _loop(
         self,
@@ -528,21 +534,23 @@ class Trainer:
         last_row: dict[str, float] = {}
         checkpoint: Path | None = None
         started = tick = time.perf_counter()
+        before = self.train_time_s  # time_s continues across resumes
         while self.step < end:
             batch = next(batches)
             row = self.train_step(batch)
             now = time.perf_counter()
             ips = images_per_step / max(now - tick, 1e-9)
             tick = now
-            row |= {"step": self.step, "epoch": self.epoch, "time_s": now - started, "images_per_s": ips}
+            self.train_time_s = before + (now - started)
+            row |= {"step": self.step, "epoch": self.epoch, "time_s": self.train_time_s, "images_per_s": ips}
             last_row = row
-            bar.update(1)
-            bar.set_postfix(
+            bar.set_postfix(  # before update, which redraws: the bar shows this step's loss, not the last
                 {"loss": f"{row['loss']:.3f}"}
                 | {k[5:]: f"{row[k]:.3f}" for k in row if k.startswith("loss_")}
                 | {"img/s": f"{ips:.1f}"},
                 refresh=False,
             )
+            bar.update(1)
             stop = interrupt.agreed()  # every rank stops after the same step
             if self.log is not None and (self.step % cfg.log_every == 0 or self.step == end or stop):
                 self.log.append(row)

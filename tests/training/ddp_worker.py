@@ -19,7 +19,7 @@ def main() -> None:
         trainer = Trainer(load_config(None, overrides), out, env=env)
         spe = trainer.order.steps_per_epoch
         seen = [trainer.order.batch(s // spe, s % spe) for s in range(trainer.config.max_steps)]
-        trainer.fit()
+        result = trainer.fit()
         state = {f"student.{k}": v for k, v in trainer.student.state_dict().items()}
         state |= {f"teacher.{k}": v for k, v in trainer.teacher.state_dict().items()}
         torch.save(
@@ -29,6 +29,7 @@ def main() -> None:
                 "backend": env.backend,
                 "world_size": env.world_size,
                 "prototypes_initialized": trainer.method.prototypes_initialized,
+                "reports": result.is_main,  # only rank 0 prints the CLI's summary
             },
             f"{out}/rank{env.rank}.pt",
         )

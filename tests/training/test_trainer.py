@@ -99,7 +99,8 @@ def test_resume_from_step_10_matches_unbroken_run(unbroken: tuple[Trainer, Path]
     first = Trainer(tiny_config(), tmp_path / "split")
     result = first.fit(stop_at=10)
     assert result.step == 10 and result.bundle is None
-    assert read_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["step"] == 10
+    stopped = read_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert stopped["step"] == 10
     second = Trainer(tiny_config(), tmp_path / "split", resume=True)
     assert second.step == 10
     second.fit()
@@ -112,7 +113,11 @@ def test_resume_from_step_10_matches_unbroken_run(unbroken: tuple[Trainer, Path]
     assert torch.equal(full.method.bank.samples, second.method.bank.samples)
     assert torch.equal(full.method.patch_queue.rows, second.method.patch_queue.rows)
     with (tmp_path / "split" / "metrics.csv").open() as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 21))
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    times = [float(r["time_s"]) for r in rows]  # training time goes on across the resume, not from 0
+    assert times == sorted(set(times)), times
+    assert stopped["train_time_s"] == times[9] > 0
 
 
 def test_ctrl_c_checkpoints_the_step_and_the_resume_is_exact(
@@ -343,6 +348,9 @@ def test_cli_knn_then_train_with_neighbour_pairs(
     assert "--k, --batch-size belong to `cotap train knn`" in capsys.readouterr().err
     assert cli_main([*args[:-2], "--out", str(tmp_path / "n2.npz"), "--resume"]) == 2
     assert "--resume belong to `cotap train`" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a stop before the first step would checkpoint nothing
+        cli_main(["train", "--out", str(tmp_path / "y"), "--stop-at", "0"])
+    assert e.value.code == 2 and "--stop-at: must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ def test_torchrun_two_ranks_end_with_equal_weights(tmp_path: Path) -> None:
     r0 = torch.load(out / "rank0.pt", weights_only=True)
     r1 = torch.load(out / "rank1.pt", weights_only=True)
     assert r0["backend"] == "gloo" and r0["world_size"] == 2
+    assert (r0["reports"], r1["reports"]) == (True, False)
     # The ranks read disjoint shards of the data ...
     assert all(not set(a) & set(b) for a, b in zip(r0["batches"], r1["batches"], strict=True))
     # ... and end with identical weights (gradients all-reduced, prototypes broadcast after k-means).
