@@ -74,7 +74,8 @@ def choose_backend(bundle: Bundle, name: str, options: BackendOptions) -> tuple[
         raise BackendError(
             "no backend can serve this bundle: torch is not installed and "
             + "; ".join(notes)
-            + ". Install torch (pip install torch) or export an ONNX model"
+            + f". Install torch first (pip install torch, or your CUDA build), then {install_hint('train')}; "
+            "or export an ONNX model into the bundle (cotap export onnx --bundle BUNDLE)"
         )
     return "torch", notes
 

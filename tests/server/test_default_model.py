@@ -38,3 +38,35 @@ def test_default_bundle_was_built_by_the_recipe() -> None:
     assert yaml.safe_load(RECIPE.read_text())["name"] == "default-model"
     recipe = config_to_dict(load_config(RECIPE))
     assert {**recipe, "name": built["name"]} == built
+
+
+def test_serve_extra_alone_serves_the_default_model() -> None:
+    """`pip install 'cotap[serve]'` has no torch: the embedded default carries its gated ONNX model,
+    so the server picks ONNX Runtime and answers without importing torch."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, io, sys
+sys.modules["torch"] = None  # as if torch were not installed
+import httpx
+from PIL import Image
+from cotap.server import create_app
+from cotap.server.settings import Settings
+
+async def main():
+    app = create_app(Settings(max_batch=2))
+    async with app.router.lifespan_context(app):
+        assert await app.state.cotap.wait_loaded(60), app.state.cotap.load_error
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            model = (await c.get("/v1/models")).json()["models"][0]
+            buf = io.BytesIO()
+            Image.new("RGB", (80, 60), (200, 30, 30)).save(buf, "JPEG")
+            r = await c.post("/v1/embed", files={"image": ("a.jpg", buf.getvalue(), "image/jpeg")})
+            print("RESULT", model["backend"], r.status_code, r.json()["__metadata__"]["grid"])
+
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RESULT onnxruntime 200 [12, 12]" in done.stdout, done.stdout + done.stderr[-2000:]
