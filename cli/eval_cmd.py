@@ -192,7 +192,7 @@ def _eval(args: argparse.Namespace) -> int:
     from cotap.core.bundle import BundleError
     from cotap.training.checkpoints import CheckpointError, load_model
     from cotap.training.distributed import resolve_device
-    from cotap.training.eval import FrozenModel, evaluate, open_eval_data, split
+    from cotap.training.eval import EvalDataset, FrozenModel, evaluate, open_eval_data, split
     from cotap.training.eval.protocols import NEEDS_TRAIN, parse_protocols
 
     if args.threads is not None:
@@ -201,13 +201,14 @@ def _eval(args: argparse.Namespace) -> int:
         protocols = parse_protocols(args.protocol)
         config = _build_config(args)
         device = resolve_device(args.device)  # before any data is read or model loaded
-        train = open_eval_data(args.data, args.num_classes)
+        data = open_eval_data(args.data, args.num_classes)
+        train: EvalDataset | None
         if args.val_data:
-            val = open_eval_data(args.val_data, args.num_classes)
+            train, val = data, open_eval_data(args.val_data, args.num_classes)
         elif any(p in NEEDS_TRAIN for p in protocols):
-            train, val = split(train, args.val_fraction, args.seed)
+            train, val = split(data, args.val_fraction, args.seed)
         else:
-            train, val = None, train
+            train, val = None, data
         loaded = load_model(args.model, arch=args.arch, which=args.which)
         model = FrozenModel.from_loaded(loaded, device=device, which=args.which)
         results = evaluate(

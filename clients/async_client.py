@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, overload
 
 import httpx
-import numpy as np
-from PIL import Image
 
 from cotap.client import protocol
 from cotap.client.base import (
@@ -171,9 +168,9 @@ class AsyncClient(ClientCore):
         return [r for part in parts for r in part]
 
     @overload
-    async def embed(
+    async def embed(  # type: ignore[overload-overlap]  # a str is a Sequence[str] too: the first overload wins
         self,
-        images: str | Path | bytes | Image.Image | np.ndarray,
+        images: ImageInput,
         *,
         outputs: Outputs = ...,
         normalize: bool = ...,
@@ -211,9 +208,9 @@ class AsyncClient(ClientCore):
         return results[0] if single else EmbedBatch(results)
 
     @overload
-    async def prototypes(
+    async def prototypes(  # type: ignore[overload-overlap]  # a str is a Sequence[str] too: the first overload wins
         self,
-        images: str | Path | bytes | Image.Image | np.ndarray,
+        images: ImageInput,
         *,
         top_k: int | None = ...,
         dtype: DType = ...,
@@ -247,10 +244,10 @@ class AsyncClient(ClientCore):
         return results[0] if single else PrototypesBatch(results)
 
     @overload
-    async def correspond(
+    async def correspond(  # type: ignore[overload-overlap]  # a str is a Sequence[str] too: the first overload wins
         self,
-        source: str | Path | bytes | Image.Image | np.ndarray,
-        target: str | Path | bytes | Image.Image | np.ndarray,
+        source: ImageInput,
+        target: ImageInput,
         *,
         top_k: int = ...,
         mutual_only: bool = ...,

@@ -45,7 +45,7 @@ from cotap.core.version import __version__
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV, KEY_ENV = "COTAP_URL", "COTAP_API_KEY"
 Outputs = Sequence[Literal["patch", "cls"]] | Literal["patch", "cls", "patch,cls"]
-DType = npt.DTypeLike
+DType = npt.DTypeLike | None  # None: the server's default (float16 in binary answers)
 CLOSED_MESSAGE = "this client is closed (close() was called, or its `with` block ended): make a new one"
 
 

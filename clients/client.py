@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 import httpx
-import numpy as np
-from PIL import Image
 
 from cotap.client import protocol
 from cotap.client.base import (
@@ -214,9 +212,9 @@ class Client(ClientCore):
         return [r for part in results for r in part]
 
     @overload
-    def embed(
+    def embed(  # type: ignore[overload-overlap]  # a str is a Sequence[str] too: the first overload wins
         self,
-        images: str | Path | bytes | Image.Image | np.ndarray,
+        images: ImageInput,
         *,
         outputs: Outputs = ...,
         normalize: bool = ...,
@@ -256,9 +254,9 @@ class Client(ClientCore):
         return results[0] if single else EmbedBatch(results)
 
     @overload
-    def prototypes(
+    def prototypes(  # type: ignore[overload-overlap]  # a str is a Sequence[str] too: the first overload wins
         self,
-        images: str | Path | bytes | Image.Image | np.ndarray,
+        images: ImageInput,
         *,
         top_k: int | None = ...,
         dtype: DType = ...,
@@ -293,10 +291,10 @@ class Client(ClientCore):
         return results[0] if single else PrototypesBatch(results)
 
     @overload
-    def correspond(
+    def correspond(  # type: ignore[overload-overlap]  # a str is a Sequence[str] too: the first overload wins
         self,
-        source: str | Path | bytes | Image.Image | np.ndarray,
-        target: str | Path | bytes | Image.Image | np.ndarray,
+        source: ImageInput,
+        target: ImageInput,
         *,
         top_k: int = ...,
         mutual_only: bool = ...,

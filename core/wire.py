@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 # Model outputs (DESIGN.md, "The model contract").
-PATCH = "patch"  # (N, h, w, C)
-CLS = "cls"  # (N, C)
+PATCH: Final = "patch"  # (N, h, w, C); Final: typed as the literal, like the options that name it
+CLS: Final = "cls"  # (N, C)
 ASSIGN = "assign"  # (N, h, w, M), model-level name
 
 # /v1/prototypes

@@ -483,7 +483,7 @@ class EngineRunner:
         if self.engine is None:
             raise RuntimeError("TensorRT could not deserialize the engine")
         self.context = self.engine.create_execution_context()
-        self.sizes = [tuple(s) for s in sizes]  # profile i serves sizes[i]
+        self.sizes = [(int(h), int(w)) for h, w in sizes]  # profile i serves sizes[i]
         self.batch = batch
         self.stream = torch.cuda.Stream()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

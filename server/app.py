@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.routing import Route
 
 from cotap.core.version import __version__
 from cotap.core.wire import BUNDLE_HASH_HEADER, MODEL_HEADER, REQUEST_ID_HEADER, TIMING_HEADERS, ErrorCode
@@ -62,7 +63,7 @@ def create_app(settings: Settings | None = None, *, backend_hook: BackendHook | 
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    routes = [(r.path_regex, r.path) for router in ROUTERS for r in router.routes if hasattr(r, "path_regex")]
+    routes = [(r.path_regex, r.path) for router in ROUTERS for r in router.routes if isinstance(r, Route)]
     app.add_middleware(RequestContextMiddleware, state=state, routes=routes)
     if settings.cors_origins:
         app.add_middleware(

@@ -33,9 +33,13 @@ class CommonOptions(BaseModel):
         return v
 
 
+def _patch_and_cls() -> list[Literal["patch", "cls"]]:
+    return [PATCH, CLS]
+
+
 class EmbedOptions(CommonOptions):
     outputs: list[Literal["patch", "cls"]] = Field(
-        default_factory=lambda: [PATCH, CLS],
+        default_factory=_patch_and_cls,
         description="which outputs: patch, cls (repeat or comma-separate)",
     )
     normalize: bool = Field(False, description="L2-normalise patch and cls embeddings")

@@ -18,3 +18,19 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "python -m pytest" in command
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- test-command -->" in ci and 'bash -c "set -euo pipefail; $test_command"' in ci
+
+
+def test_mypy_follows_the_cotap_imports() -> None:
+    """The sources live in folders that setuptools maps to `cotap.*`; mypy cannot follow the
+    editable install's import hook, so typings/cotap/ links each folder under its import name.
+    Without it every `from cotap...` import is `Any` and mypy checks nothing across modules."""
+    import tomllib
+
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert mypy["mypy_path"] == "typings"
+    assert set(mypy["packages"]) == set(setuptools["package-dir"])
+    for name, folder in setuptools["package-dir"].items():
+        link = ROOT / "typings" / Path(*name.split("."))
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), name
+    assert "\nmypy  #" in (ROOT / ".ci" / "run").read_text()  # no file arguments: the config's packages

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def momentum_at(step: int, max_steps: int, start: float = 0.9997, end: float = 0.9999) -> float:
@@ -21,7 +24,7 @@ def momentum_at(step: int, max_steps: int, start: float = 0.9997, end: float = 0
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t / max_steps))
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
+def make_teacher(student: M) -> M:
     """An exact, gradient-free copy of `student` in eval mode."""
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():

@@ -64,7 +64,8 @@ class FrozenModel:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.patch_size: int = patch
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean: tuple[float, float, float] = (mean[0], mean[1], mean[2])
+        self.std: tuple[float, float, float] = (std[0], std[1], std[2])
         self.device = torch.device(device)
         self.name = name
         self._fingerprint = fingerprint
