@@ -5,7 +5,9 @@ Layout (DESIGN.md, "The bundle")::
     config.json        architecture, preprocessing, input sizes, outputs
     model.safetensors  weights (no pickle)
     manifest.json      schema version, sha256 and size of every other file, provenance, parity reports
-    model.onnx         optional, written by the exporter
+    onnx/              optional, written by the exporter: model-<precision>[-<sizes>].onnx (one per
+                       precision and size set; DESIGN.md's single model.onnx cannot hold fp32, fp16
+                       and int8 side by side) and matching.onnx (the correspondence graph)
     engines/<target>/  optional TensorRT engines
     MODEL_CARD.md      optional
 
@@ -28,6 +30,7 @@ from typing import Any
 
 from cotap.core.preprocess import PreprocessConfig
 from cotap.core.version import __version__
+from cotap.core.wire import ASSIGN, CLS, PATCH
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
@@ -36,7 +39,6 @@ FORMAT = "cotap-bundle"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-ONNX = "model.onnx"
 MODEL_CARD = "MODEL_CARD.md"
 
 _CHUNK = 1 << 20
@@ -119,8 +121,10 @@ class BundleConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BundleConfig:
+        """The config of config.json, checked: every output a server answers with is declared with a
+        positive width, and there is at least one positive input size (else `BundleError`)."""
         try:
-            return cls(
+            config = cls(
                 name=str(d["name"]),
                 arch=str(d["arch"]),
                 model=dict(d["model"]),
@@ -132,6 +136,20 @@ class BundleConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"config.json is malformed: {e!r}", CONFIG) from e
+        problems = [
+            f"outputs.{name}.dim must be a positive integer"
+            for name in (PATCH, CLS, ASSIGN)
+            if not _positive_int(config.outputs.get(name, {}).get("dim"))
+        ]
+        if not _positive_int(config.model.get("patch_size")):
+            problems.append("model.patch_size must be a positive integer")
+        if not config.input_sizes or any(h < 1 or w < 1 for h, w in config.input_sizes):
+            problems.append(f"input_sizes must list positive sizes, got {list(config.input_sizes)}")
+        if not config.name:
+            problems.append("name is empty")
+        if problems:
+            raise BundleError(f"config.json is malformed: {'; '.join(problems)}", CONFIG)
+        return config
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,18 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no file {name!r}", name)
         return self.path / name
 
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of a listed file, checked against its manifest sha256 as they are used: a file
+        replaced after `read_bundle` verified the directory is refused, not loaded."""
+        data = self.file(name).read_bytes()
+        if sha256_bytes(data) != self.manifest["files"][name]["sha256"]:
+            raise BundleError(
+                f"bundle file changed: {name} does not match its sha256 in manifest.json "
+                "(it changed after the bundle was opened)",
+                name,
+            )
+        return data
+
 
 def _listing(root: Path) -> dict[str, Path]:
     """Every regular file under root by its relative POSIX name; links and odd entries are refused."""
@@ -176,6 +206,27 @@ def _listing(root: Path) -> dict[str, Path]:
                 raise BundleError(f"bundle file {rel!r} is a link or not a regular file", rel)
             out[rel] = full
     return out
+
+
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _check_entry(name: str, entry: Any) -> None:
+    """A manifest entry is {"size": bytes, "sha256": 64 hex digits}; anything else is refused."""
+    ok = (
+        isinstance(entry, dict)
+        and (_positive_int(entry.get("size")) or entry.get("size") == 0)
+        and isinstance(entry.get("sha256"), str)
+        and len(entry["sha256"]) == 64
+        and all(c in "0123456789abcdef" for c in entry["sha256"])
+    )
+    if not ok:
+        raise BundleError(
+            f"manifest.json entry for {name!r} is malformed: expected {{\"size\": bytes, \"sha256\": "
+            f"64 lowercase hex digits}}, got {json.dumps(entry)[:200]}",
+            MANIFEST,
+        )
 
 
 def _verify(root: Path, manifest: Mapping[str, Any]) -> None:
@@ -197,9 +248,10 @@ def _verify(root: Path, manifest: Mapping[str, Any]) -> None:
     if unexpected:
         raise BundleError(f"unexpected file in bundle: {unexpected[0]} (not in manifest.json)", unexpected[0])
     for name, entry in listed.items():
+        _check_entry(name, entry)
         path = present[name]
         size = path.stat().st_size
-        if size != int(entry["size"]):
+        if size != entry["size"]:
             raise BundleError(
                 f"bundle file changed: {name} is {size} bytes, manifest says {entry['size']}", name
             )

@@ -122,14 +122,86 @@ def matching_graph(dim: int | None, top_k: int = 0, opset: int = 17) -> onnx.Mod
     return model
 
 
+def reference_matching(source: np.ndarray, target: np.ndarray, top_k: int) -> dict[str, np.ndarray]:
+    """What the graph computes, in plain NumPy float64 (the parity check's reference)."""
+    b, hs, ws, c = source.shape
+    s = source.reshape(b, hs * ws, c).astype(np.float64)
+    t = target.reshape(b, -1, c).astype(np.float64)
+    s /= np.maximum(np.linalg.norm(s, axis=-1, keepdims=True), EPS)
+    t /= np.maximum(np.linalg.norm(t, axis=-1, keepdims=True), EPS)
+    sim = s @ t.transpose(0, 2, 1)  # (B, hs*ws, ht*wt)
+    match = sim.argmax(-1)
+    back = sim.argmax(-2)  # best source of each target patch
+    out = {
+        wire.MATCH: match.reshape(b, hs, ws),
+        wire.SCORE: sim.max(-1).reshape(b, hs, ws),
+        wire.MUTUAL: (np.take_along_axis(back, match, 1) == np.arange(hs * ws)).reshape(b, hs, ws),
+    }
+    if top_k:
+        order = np.argsort(-sim, axis=-1, kind="stable")[..., :top_k]
+        out[wire.MATCH_TOPK] = order.reshape(b, hs, ws, top_k)
+        out[wire.SCORE_TOPK] = np.take_along_axis(sim, order, -1).reshape(b, hs, ws, top_k)
+    return out
+
+
+def check_matching(
+    path: str | os.PathLike[str], dim: int | None, top_k: int, seed: int = 0
+) -> dict[str, Any]:
+    """Parity report of the graph at `path` on ONNX Runtime against `reference_matching`, on random
+    features at two grid pairs: scores within 1e-5, and the same matches wherever the reference's
+    best and second-best scores are more than 1e-5 apart (closer ones are ties in float32)."""
+    try:
+        import onnxruntime as ort
+    except ModuleNotFoundError:
+        return {"passed": None, "skipped": "onnxruntime is not installed"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    width = dim or 32
+    worst_score, compared, agree, mutual_agree = 0.0, 0, 0, 0
+    for (hs, ws), (ht, wt) in (((4, 5), (6, 3)), ((7, 7), (7, 7))):
+        src = rng.normal(size=(2, hs, ws, width)).astype(np.float32)
+        tgt = rng.normal(size=(2, ht, wt, width)).astype(np.float32)
+        names = [o.name for o in session.get_outputs()]
+        got = dict(zip(names, session.run(names, {"source": src, "target": tgt}), strict=True))
+        want = reference_matching(src, tgt, top_k)
+        worst_score = max(worst_score, float(np.abs(got[wire.SCORE] - want[wire.SCORE]).max()))
+        best_two = reference_matching(src, tgt, 2)[wire.SCORE_TOPK]
+        clear = best_two[..., 0] - best_two[..., 1] > 1e-5  # not a float32 tie
+        compared += int(clear.sum())
+        agree += int((got[wire.MATCH] == want[wire.MATCH])[clear].sum())
+        mutual_agree += int((got[wire.MUTUAL] == want[wire.MUTUAL])[clear].sum())
+        if top_k:
+            worst_score = max(worst_score, float(np.abs(got[wire.SCORE_TOPK] - want[wire.SCORE_TOPK]).max()))
+    passed = worst_score <= 1e-5 and agree == compared and mutual_agree == compared
+    return {
+        "passed": passed,
+        "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        "reference": "numpy float64",
+        "score_max_abs": worst_score,
+        "patches_compared": compared,
+        "match_agreement": agree / max(compared, 1),
+        "mutual_agreement": mutual_agree / max(compared, 1),
+    }
+
+
+class MatchingParityError(ValueError):
+    """The exported matching graph does not compute what the reference computes."""
+
+
 def export_matching_onnx(
     out: str | os.PathLike[str], dim: int | None, top_k: int = 0, opset: int = 17
 ) -> dict[str, Any]:
-    """Write the matching graph to `out`; returns its record (file, dim, top_k, opset, sha256, outputs)."""
+    """Write the matching graph to `out`, checked against the NumPy reference on ONNX Runtime
+    (`MatchingParityError` when it disagrees); returns its record (file, dim, top_k, opset, sha256,
+    outputs, parity report)."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = matching_graph(dim, top_k, opset)
     onnx.save(model, str(path))
+    parity = check_matching(path, dim, top_k)
+    if parity["passed"] is False:
+        path.unlink()
+        raise MatchingParityError(f"the matching graph disagrees with its reference: {parity}")
     return {
         "file": str(path),
         "dim": dim,
@@ -139,6 +211,7 @@ def export_matching_onnx(
         "inputs": ["source", "target"],
         "outputs": [o.name for o in model.graph.output],
         "sha256": sha256_file(path),
+        "parity": parity,
     }
 
 

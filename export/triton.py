@@ -227,7 +227,7 @@ def export_triton(
 
     model_dir = repo / name
     (model_dir / "1").mkdir(parents=True)
-    shutil.copyfile(bundle.file(record.file), model_dir / "1" / "model.onnx")
+    (model_dir / "1" / "model.onnx").write_bytes(bundle.read_verified(record.file))
     dims = io_dims(record.sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)
     onnx_params = {**params, "cotap_forced": "true"} if record.forced else params
     (model_dir / "config.pbtxt").write_text(
@@ -242,7 +242,7 @@ def export_triton(
         (trt_dir / "1").mkdir(parents=True)
         for e in engines:
             fn = by_cc[e.compute_capability]
-            shutil.copyfile(bundle.file(e.file), trt_dir / "1" / fn)
+            (trt_dir / "1" / fn).write_bytes(bundle.read_verified(e.file))
             files[f"{trt_name}/1/{fn}"] = e.sha256
         sizes = sorted({s for e in engines for s in e.sizes})
         trt_dims = io_dims(sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)

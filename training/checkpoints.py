@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors
 
 from cotap.core.bundle import WEIGHTS, Bundle, read_bundle, sha256_file
@@ -287,7 +288,7 @@ def load_model(
     if p.is_dir():
         bundle = read_bundle(p)
         _check_arch(arch, bundle.config.arch, f"bundle {p}")
-        sd = load_safetensors(bundle.file(WEIGHTS))
+        sd = load_safetensors_bytes(bundle.read_verified(WEIGHTS))  # the bytes that were hashed
         cfg = ViTConfig.from_dict(bundle.config.model)
         model = CoTAPViT(cfg)
         load_state_dict_strict(model, sd)

@@ -176,7 +176,7 @@ class OnnxRuntimeBackend(Backend):
         if record.file.startswith("engines/") or not bundle.has(record.file):
             raise BackendError(f"ONNX record {record.file!r} names no file of the bundle")
         try:
-            self.session = ort.InferenceSession(str(bundle.file(record.file)), so, providers=providers)
+            self.session = ort.InferenceSession(bundle.read_verified(record.file), so, providers=providers)
         except Exception as e:
             raise BackendError(f"onnxruntime cannot load {record.file} from {bundle.path}: {e}") from e
         active = self.session.get_providers()

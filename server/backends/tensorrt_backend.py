@@ -166,7 +166,7 @@ class TensorRTBackend(Backend):
         self.device = str(self._dev)
         with torch.cuda.device(self._dev):  # TensorRT works on the current CUDA device
             compatible = bool((record.extra or {}).get("version_compatible", False))
-            engine = deserialize_plan(trt, bundle.file(record.file).read_bytes(), compatible)
+            engine = deserialize_plan(trt, bundle.read_verified(record.file), compatible)
             if engine is None:
                 raise BackendError(
                     f"TensorRT could not deserialise {record.file}; rebuild it on this machine with "

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import load as load_safetensors
 
 from cotap.core.bundle import WEIGHTS, Bundle
 from cotap.server.backends.base import Backend, BackendError, BackendOptions
@@ -61,7 +61,7 @@ class TorchBackend(Backend):
                 torch.set_num_threads(options.intra_op_threads)
         try:
             model = CoTAPViT(ViTConfig.from_dict(bundle.config.model))
-            load_state_dict_strict(model, load_safetensors(bundle.file(WEIGHTS)))
+            load_state_dict_strict(model, load_safetensors(bundle.read_verified(WEIGHTS)))
         except Exception as e:
             raise BackendError(
                 f"bundle {bundle.path}: weights do not load into {bundle.config.arch}: {e}"

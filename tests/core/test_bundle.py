@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,6 +82,50 @@ def test_unknown_schema_version(bundle_dir: Path) -> None:
     m["schema_version"] = 99
     (bundle_dir / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(BundleError, match="schema version 99"):
+        read_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"sha256": "0" * 64},
+        {"size": "abc", "sha256": "0" * 64},
+        {"size": 700},
+        [700],
+        {"size": 1, "sha256": "x"},
+    ],
+)
+def test_malformed_manifest_entries_are_bundle_errors(bundle_dir: Path, entry: object) -> None:
+    """A hand-edited manifest is refused with a message that names the entry, not a KeyError."""
+    m = json.loads((bundle_dir / MANIFEST).read_text())
+    m["files"][WEIGHTS] = entry
+    (bundle_dir / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"manifest.json entry for 'model.safetensors' is malformed"):
+        read_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c["outputs"].pop("patch"), r"outputs.patch.dim must be a positive integer"),
+        (lambda c: c["outputs"]["assign"].update(dim=0), r"outputs.assign.dim must be a positive integer"),
+        (lambda c: c.update(input_sizes=[]), r"input_sizes must list positive sizes"),
+        (lambda c: c["model"].pop("patch_size"), r"model.patch_size must be a positive integer"),
+    ],
+)
+def test_incomplete_config_is_refused_even_with_matching_hashes(
+    bundle_dir: Path, edit: Callable[[dict[str, Any]], object], match: str
+) -> None:
+    """A config.json that passes its hash but lacks what a server answers with is refused when the
+    bundle is read, not with a 500 at the first request."""
+    cfg = json.loads((bundle_dir / CONFIG).read_text())
+    edit(cfg)
+    raw = json.dumps(cfg).encode()
+    (bundle_dir / CONFIG).write_bytes(raw)
+    m = json.loads((bundle_dir / MANIFEST).read_text())
+    m["files"][CONFIG] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (bundle_dir / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=match):
         read_bundle(bundle_dir)
 
 

@@ -81,3 +81,33 @@ def test_matching_cli_adds_graph_to_bundle(tiny_bundle: Bundle, capsys: pytest.C
 def test_bad_top_k_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="top_k"):
         export_matching_onnx(tmp_path / "m.onnx", 8, top_k=-1)
+
+
+def test_export_records_a_parity_report_and_refuses_a_wrong_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every exported artefact carries its parity report (DESIGN.md, the bundle); a graph that
+    disagrees with the reference is not written."""
+    import cotap.export.matching as matching
+
+    rec = export_matching_onnx(tmp_path / "m.onnx", 16, top_k=2)
+    parity = rec["parity"]
+    assert parity["passed"] is True and parity["score_max_abs"] <= 1e-5
+    assert parity["patches_compared"] > 100 and parity["match_agreement"] == 1.0
+    # the reference itself agrees with this file's plain loop version
+    rng = np.random.default_rng(3)
+    src, tgt = rng.standard_normal((1, 3, 2, 8)), rng.standard_normal((1, 2, 4, 8))
+    mine, theirs = matching.reference_matching(src, tgt, 3), reference(src, tgt, 3)
+    for name in ("match", "mutual", "match_topk"):
+        np.testing.assert_array_equal(mine[name], theirs[name])
+    np.testing.assert_allclose(mine["score"], theirs["score"], atol=1e-12)
+
+    def wrong(source: np.ndarray, target: np.ndarray, top_k: int) -> dict[str, np.ndarray]:
+        out = reference(source, target, top_k)
+        out["match"] = (out["match"] + 1) % (target.shape[1] * target.shape[2])
+        return out
+
+    monkeypatch.setattr(matching, "reference_matching", wrong)
+    with pytest.raises(matching.MatchingParityError, match="disagrees"):
+        export_matching_onnx(tmp_path / "bad.onnx", 16)
+    assert not (tmp_path / "bad.onnx").exists()

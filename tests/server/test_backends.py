@@ -240,6 +240,32 @@ def test_onnxruntime_io_bound_to_torch_serves_the_same(onnx_bundle: Path) -> Non
         np.testing.assert_allclose(bound_answers[k], v, atol=1e-5, err_msg=k)
 
 
+def test_backends_load_only_the_bytes_the_manifest_pins(onnx_bundle: Path, tmp_path: Path) -> None:
+    """A file replaced after the bundle was opened (and verified) is refused as it is loaded: the
+    backends hash the bytes they load, not the file some time before."""
+    from cotap.core.artifacts import serving_onnx
+    from cotap.core.bundle import WEIGHTS, BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(onnx_bundle, copy)
+    b = read_bundle(copy)
+    record = serving_onnx(b)["fp32"]
+    for name in (WEIGHTS, record.file):
+        data = bytearray((copy / name).read_bytes())
+        data[-1] ^= 1
+        (copy / name).write_bytes(bytes(data))
+    with pytest.raises(
+        BackendError, match=r"model.safetensors does not match its sha256.*after the bundle was opened"
+    ):
+        build_backend(b, "torch", CPU)
+    with pytest.raises(
+        BackendError, match=r"model-fp32.onnx does not match its sha256.*after the bundle was opened"
+    ):
+        build_backend(b, "onnxruntime", CPU)
+    with pytest.raises(BundleError, match="after the bundle was opened"):
+        b.read_verified(WEIGHTS)
+
+
 def test_onnxruntime_refuses_sizes_it_was_not_exported_for(onnx_bundle: Path) -> None:
     """A bundle whose declared size has no ONNX model is refused at load time."""
     import json
