@@ -73,6 +73,11 @@ def jpeg(h: int = 40, w: int = 48, seed: int = 0) -> bytes:
     return encode(photo(h, w, seed), "JPEG", quality=90)
 
 
+def parts(field: str, images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart parts for httpx: one JPEG per image under the repeated field `field`."""
+    return [(field, (f"{field}{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
+
+
 def settings_for(*models: Path | str, **kw: Any) -> Settings:
     specs = [str(m) for m in models]
     base: dict[str, Any] = {"models": specs, "max_batch": 8, "max_queue_delay_ms": 2.0, "decode_threads": 2}

@@ -13,11 +13,7 @@ import numpy as np
 
 from cotap.core.wire import REQUEST_ID_HEADER, SAFETENSORS_MEDIA_TYPE
 from cotap.server.backends.base import Backend
-from tests.server.helpers import Gate, encode, jpeg, metric, photo, run, running, settings_for
-
-
-def parts(field: str, images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [(field, (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
+from tests.server.helpers import Gate, encode, jpeg, metric, parts, photo, run, running, settings_for
 
 
 def envelope(r: httpx.Response, status: int, code: str) -> str:

@@ -18,7 +18,7 @@ from cotap.core.images import load_pixels
 from cotap.core.preprocess import PreprocessConfig
 from cotap.core.wire import REQUEST_ID_HEADER, SAFETENSORS_MEDIA_TYPE, TIMING_HEADERS
 from cotap.training.checkpoints import load_model
-from tests.server.helpers import encode, jpeg, make_tiny_bundle, metric, run, running, settings_for
+from tests.server.helpers import encode, jpeg, make_tiny_bundle, metric, parts, run, running, settings_for
 
 BINARY = {"accept": SAFETENSORS_MEDIA_TYPE}
 
@@ -31,10 +31,6 @@ def reference(bundle: Path, images: list[bytes]) -> dict[str, np.ndarray]:
     with torch.inference_mode():
         out = loaded.model.forward_features(torch.from_numpy(x))
     return {k: v.numpy() for k, v in out.items()}
-
-
-def parts(field: str, images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [(field, (f"{field}{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
 
 
 def as_arrays(doc: dict[str, Any]) -> dict[str, np.ndarray]:

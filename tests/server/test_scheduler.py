@@ -11,11 +11,7 @@ from typing import Any
 import httpx
 
 from cotap.server.app import create_app
-from tests.server.helpers import Gate, jpeg, metric, run, running, settings_for
-
-
-def image_parts(images: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("image", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
+from tests.server.helpers import Gate, jpeg, metric, parts, run, running, settings_for
 
 
 async def wait_depth(app: Any, n: int) -> None:
@@ -31,10 +27,10 @@ def test_concurrent_requests_are_batched(tiny_bundle: Path, gate: Gate) -> None:
         async with running(settings_for(tiny_bundle, max_batch=8), hook=gate.wrap) as (app, c):
             gate.batches.clear()
             gate.hold()
-            first = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            first = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg()])))
             await gate.wait_entered()
             rest = [
-                asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg(seed=i)])))
+                asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(seed=i)])))
                 for i in range(6)
             ]
             await wait_depth(app, 6)
@@ -58,12 +54,12 @@ def test_batches_are_capped_and_keyed_by_model(tiny_bundle: Path, other_bundle: 
         async with running(settings_for(tiny_bundle, other_bundle, max_batch=4), hook=gate.wrap) as (app, c):
             gate.batches.clear()
             gate.hold()
-            first = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            first = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg()])))
             await gate.wait_entered()
             many = asyncio.ensure_future(
-                c.post("/v1/embed", files=image_parts([jpeg(seed=i) for i in range(6)]))
+                c.post("/v1/embed", files=parts("image", [jpeg(seed=i) for i in range(6)]))
             )
-            other = asyncio.ensure_future(c.post("/v1/embed?model=other", files=image_parts([jpeg()])))
+            other = asyncio.ensure_future(c.post("/v1/embed?model=other", files=parts("image", [jpeg()])))
             await wait_depth(app, 7)
             gate.release()
             rs = await asyncio.gather(first, many, other)
@@ -80,18 +76,18 @@ def test_full_queue_answers_429_at_once(tiny_bundle: Path, gate: Gate) -> None:
             c,
         ):
             gate.hold()
-            running_req = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            running_req = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg()])))
             await gate.wait_entered()
-            queued = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg(), jpeg(seed=1)])))
+            queued = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(), jpeg(seed=1)])))
             await wait_depth(app, 2)
             t0 = time.monotonic()
-            r = await c.post("/v1/embed", files=image_parts([jpeg()]))
+            r = await c.post("/v1/embed", files=parts("image", [jpeg()]))
             assert time.monotonic() - t0 < 1.0
             assert r.status_code == 429 and r.headers["retry-after"] == "3"
             assert r.json()["error"]["code"] == "queue_full"
             gate.release()
             assert [x.status_code for x in await asyncio.gather(running_req, queued)] == [200, 200]
-            assert (await c.post("/v1/embed", files=image_parts([jpeg()]))).status_code == 200
+            assert (await c.post("/v1/embed", files=parts("image", [jpeg()]))).status_code == 200
 
     run(body())
 
@@ -101,14 +97,14 @@ def test_deadline_answers_504_and_drops_the_work(tiny_bundle: Path, gate: Gate) 
         async with running(settings_for(tiny_bundle, deadline_ms=300), hook=gate.wrap) as (_, c):
             gate.batches.clear()
             gate.hold()
-            first = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            first = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg()])))
             await gate.wait_entered()
-            late = await c.post("/v1/embed", files=image_parts([jpeg(seed=5), jpeg(seed=6)]))
+            late = await c.post("/v1/embed", files=parts("image", [jpeg(seed=5), jpeg(seed=6)]))
             assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
             gate.release()
             r = await first  # its deadline passed too, while in forward: answered 504 as well
             assert r.status_code == 504
-            ok = await c.post("/v1/embed", files=image_parts([jpeg()]))
+            ok = await c.post("/v1/embed", files=parts("image", [jpeg()]))
             assert ok.status_code == 200
             assert gate.batches == [1, 1]  # the late request's two images never ran
             text = (await c.get("/metrics")).text
@@ -127,10 +123,12 @@ def test_disconnected_client_work_is_not_run(tiny_bundle: Path, gate: Gate) -> N
         async with running(settings_for(tiny_bundle, max_queue=3), hook=gate.wrap) as (app, c):
             gate.batches.clear()
             gate.hold()
-            first = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            first = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg()])))
             await gate.wait_entered()
             req = httpx.Request(
-                "POST", "http://test/v1/embed", files=image_parts([jpeg(seed=1), jpeg(seed=2), jpeg(seed=3)])
+                "POST",
+                "http://test/v1/embed",
+                files=parts("image", [jpeg(seed=1), jpeg(seed=2), jpeg(seed=3)]),
             )
             payload = req.read()
             gone = asyncio.Event()
@@ -165,7 +163,7 @@ def test_disconnected_client_work_is_not_run(tiny_bundle: Path, gate: Gate) -> N
             gone.set()  # the client leaves while its three images are queued
             await asyncio.wait_for(call, 10)
             assert app.state.cotap.scheduler.depth == 3  # nothing has purged them yet
-            admitted = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            admitted = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg()])))
             for _ in range(500):  # admitted and queued: the dead images gave their places back
                 if app.state.cotap.scheduler.depth == 1 and not admitted.done():
                     break
@@ -187,14 +185,14 @@ def test_drain_finishes_in_flight_and_refuses_new_work(tiny_bundle: Path, gate: 
         async with running(settings_for(tiny_bundle), hook=gate.wrap) as (app, c):
             state = app.state.cotap
             gate.hold()
-            running_req = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg()])))
+            running_req = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg()])))
             await gate.wait_entered()
-            queued = asyncio.ensure_future(c.post("/v1/embed", files=image_parts([jpeg(seed=1)])))
+            queued = asyncio.ensure_future(c.post("/v1/embed", files=parts("image", [jpeg(seed=1)])))
             await wait_depth(app, 1)
             state.begin_drain()  # what SIGTERM does
             ready = await c.get("/health/ready")
             assert ready.status_code == 503 and ready.json()["status"] == "draining"
-            refused = await c.post("/v1/embed", files=image_parts([jpeg()]))
+            refused = await c.post("/v1/embed", files=parts("image", [jpeg()]))
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
             assert refused.headers["retry-after"] == "1"
             assert state.in_flight == 2
@@ -209,7 +207,7 @@ def test_a_lone_request_does_not_wait_for_company(tiny_bundle: Path) -> None:
     async def body() -> None:
         async with running(settings_for(tiny_bundle, max_queue_delay_ms=2000)) as (_, c):
             t0 = time.monotonic()
-            r = await c.post("/v1/embed", files=image_parts([jpeg()]))
+            r = await c.post("/v1/embed", files=parts("image", [jpeg()]))
             assert r.status_code == 200 and time.monotonic() - t0 < 1.0
             assert float(r.headers["x-queue-time-ms"]) < 500
 
@@ -228,7 +226,7 @@ def test_create_app_defaults_to_the_embedded_model() -> None:
                 assert (
                     m["name"] == "default" and m["arch"] == "cotap_micro8" and m["input_sizes"] == [[96, 96]]
                 )
-                r = await c.post("/v1/embed", files=image_parts([jpeg(80, 60)]))
+                r = await c.post("/v1/embed", files=parts("image", [jpeg(80, 60)]))
                 assert r.status_code == 200 and r.json()["__metadata__"]["grid"] == [12, 12]
 
     run(body())

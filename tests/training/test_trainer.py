@@ -379,3 +379,19 @@ def test_bf16_autocast_runs_on_cpu(tmp_path: Path) -> None:
     result = trainer.fit()
     assert result.step == 2 and all(v == v for k, v in result.last_metrics.items() if k.startswith("loss"))
     assert trainer.student.backbone.kernel.dtype == torch.float32  # autocast, not a cast of the weights
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_trains_on_cuda_with_mixed_precision(tmp_path: Path, amp: str) -> None:
+    """The CUDA path: autocast (and the grad scaler for fp16) with finite losses, then a bundle whose
+    float32 weights serve on the CPU."""
+    trainer = Trainer(tiny_config("device=cuda", f"amp={amp}", "max_steps=4", "plot=false"), tmp_path / "gpu")
+    assert trainer.device.type == "cuda"
+    result = trainer.fit()
+    assert result.step == 4 and result.bundle is not None
+    assert all(
+        torch.isfinite(torch.tensor(v)) for k, v in result.last_metrics.items() if k.startswith("loss")
+    )
+    loaded = load_model(result.bundle)
+    assert next(loaded.model.parameters()).dtype == torch.float32
