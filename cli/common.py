@@ -7,6 +7,7 @@ import argparse
 import importlib
 import math
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 from cotap.core.version import install_hint
@@ -41,6 +42,16 @@ def parse_size(text: str) -> tuple[int, int]:
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'224,336x448' -> [(224, 224), (336, 448)]."""
     return [parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def existing_dir(text: str) -> str:
+    """An argparse type: a folder that exists (checked before any model is loaded)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"image folder not found: {text}" if not path.exists() else f"{text} is a file, not a folder"
+        )
+    return text
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

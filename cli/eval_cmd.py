@@ -190,7 +190,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from cotap.core.bundle import BundleError
-    from cotap.training.checkpoints import CheckpointError, load_model
+    from cotap.training.checkpoints import CheckpointError, check_which, load_model
     from cotap.training.distributed import resolve_device
     from cotap.training.eval import EvalDataset, FrozenModel, evaluate, open_eval_data, split
     from cotap.training.eval.protocols import NEEDS_TRAIN, parse_protocols
@@ -210,6 +210,7 @@ def _eval(args: argparse.Namespace) -> int:
         else:
             train, val = None, data
         loaded = load_model(args.model, arch=args.arch, which=args.which)
+        check_which(args.which, loaded, args.model)
         model = FrozenModel.from_loaded(loaded, device=device, which=args.which)
         results = evaluate(
             protocols,

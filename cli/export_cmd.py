@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cotap.cli.common import CLIError, parse_size, parse_sizes, require
+from cotap.cli.common import CLIError, existing_dir, int_at_least, parse_size, parse_sizes, require
 
 _TARGETS_HELP = "configs/targets.yaml of the cotap source tree, wherever the command runs"
 
@@ -79,13 +79,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     o.add_argument("--sizes", type=parse_sizes, help="input sizes, e.g. 224,336x448 (default: the bundle's)")
     o.add_argument(
-        "--max-batch", type=int, default=32, help="largest batch the model is checked and served at"
+        "--max-batch",
+        type=int_at_least(1),
+        default=32,
+        help="largest batch the model is checked and served at",
     )
-    o.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    o.add_argument("--opset", type=int_at_least(17), default=17, help="ONNX opset (17 or newer)")
     o.add_argument(
-        "--calibration", help="int8 only: image folder for static QDQ calibration (default: dynamic)"
+        "--calibration",
+        type=existing_dir,
+        help="int8 only: image folder for static QDQ calibration (default: dynamic)",
     )
-    o.add_argument("--fixtures", help="image folder added to the generated gate fixtures")
+    o.add_argument("--fixtures", type=existing_dir, help="image folder added to the generated gate fixtures")
     o.add_argument("--force", action="store_true", help="write the model even if its gate fails (recorded)")
     o.set_defaults(func=_onnx)
 
@@ -98,8 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="add onnx/matching.onnx to this bundle (dim from its config)")
     src.add_argument("--out", help="write the graph to this file instead")
-    m.add_argument("--dim", type=int, help="feature width C (with --out; default: dynamic)")
-    m.add_argument("--top-k", type=int, default=0, help="also return the k best matches (0: off)")
+    m.add_argument("--dim", type=int_at_least(1), help="feature width C (with --out; default: dynamic)")
+    m.add_argument("--top-k", type=int_at_least(0), default=0, help="also return the k best matches (0: off)")
     m.add_argument("--opset", type=int, default=17)
     m.set_defaults(func=_matching)
 
@@ -113,9 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--bundle", required=True)
     t.add_argument("--target", required=True, help="target name in the targets file")
     t.add_argument("--targets", help=f"targets file (YAML; default: {_TARGETS_HELP})")
-    t.add_argument("--calibration", help="int8: image folder for the entropy calibrator")
+    t.add_argument("--calibration", type=existing_dir, help="int8: image folder for the entropy calibrator")
     t.add_argument(
-        "--timing-cache", help="timing cache file (default: next to the engine, kept across builds)"
+        "--timing-cache",
+        help="timing cache file (default: $XDG_CACHE_HOME or ~/.cache, then cotap/tensorrt/timing-<gpu>-sm<cc>-trt<version>-cuda<version>.cache, "
+        "one per GPU and library versions, kept across builds)",
     )
     t.add_argument("--force", action="store_true", help="keep the engine even if its accuracy gate fails")
     t.set_defaults(func=_tensorrt)
@@ -132,7 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     bt.add_argument("--targets", help=f"targets file (YAML; default: {_TARGETS_HELP})")
     bt.add_argument("--out", required=True, help="output directory, e.g. dist/")
     bt.add_argument("--only", help="comma-separated target names (default: all)")
-    bt.add_argument("--calibration", help="image folder for int8 targets (static QDQ)")
+    bt.add_argument("--calibration", type=existing_dir, help="image folder for int8 targets (static QDQ)")
     bt.add_argument("--force", action="store_true", help="keep models whose gate fails (recorded)")
     bt.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     bt.set_defaults(func=_batch)
@@ -149,8 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     tr.add_argument("--name", help="model name in the repository (default: the bundle's name)")
     tr.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"], default="KIND_GPU")
-    tr.add_argument("--instances", type=int, default=1, help="model instances per device")
-    tr.add_argument("--max-queue-delay-us", type=int, default=2000)
+    tr.add_argument("--instances", type=int_at_least(1), default=1, help="model instances per device")
+    tr.add_argument("--max-queue-delay-us", type=int_at_least(0), default=2000)
     tr.add_argument("--export-missing", action="store_true", help="export the ONNX model first if absent")
     tr.add_argument("--overwrite", action="store_true")
     tr.add_argument(

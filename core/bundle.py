@@ -223,7 +223,7 @@ def _check_entry(name: str, entry: Any) -> None:
     )
     if not ok:
         raise BundleError(
-            f"manifest.json entry for {name!r} is malformed: expected {{\"size\": bytes, \"sha256\": "
+            f'manifest.json entry for {name!r} is malformed: expected {{"size": bytes, "sha256": '
             f"64 lowercase hex digits}}, got {json.dumps(entry)[:200]}",
             MANIFEST,
         )

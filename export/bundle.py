@@ -17,7 +17,7 @@ from typing import Any
 from cotap.core.bundle import Bundle, BundleError
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from cotap.training.bundles import write_model_bundle
-from cotap.training.checkpoints import CheckpointError, LoadedModel, load_model
+from cotap.training.checkpoints import CheckpointError, LoadedModel, check_which, load_model
 from cotap.training.models import ViTConfig, model_config
 
 # The fields that make two models different networks. The rest are set per checkpoint (img_size,
@@ -97,19 +97,11 @@ def export_bundle(
     if out_path.exists() and not overwrite:  # before the (possibly slow) load
         raise BundleError(f"{out_path} exists; pass --overwrite (overwrite=True) to replace it", out_path)
     src = Path(checkpoint)
-    if src.is_dir() and which is not None:
-        raise CheckpointError(
-            f"--which {which} does not apply to a bundle ({src} holds one model); leave --which out"
-        )
     loaded = load_model(checkpoint, arch=arch, which=which)  # refuses an arch other than a recorded one
+    check_which(which, loaded, src)
     if arch is not None:
         check_arch(arch, loaded, src)
     used = loaded.which
-    if which is not None and used is None:
-        raise CheckpointError(
-            f"--which {which} does not apply: {src} holds a single model (layout {loaded.layout}), "
-            "not a student and a teacher; leave --which out"
-        )
     patch = loaded.model.patch_size
     inherited = loaded.bundle.config.preprocess if loaded.bundle is not None else None
     if inherited is not None and size is None and resize in (None, inherited.resize):

@@ -250,6 +250,21 @@ def _check_arch(asked: str | None, recorded: str | None, where: str) -> None:
         )
 
 
+def check_which(which: str | None, loaded: LoadedModel, source: str | os.PathLike[str]) -> None:
+    """`which` picks the student or the teacher of a file that holds both; for a file holding one
+    model it would be silently meaningless, so commands that take `--which` refuse it."""
+    if which is None or loaded.which is not None:
+        return
+    if loaded.layout == "bundle":
+        raise CheckpointError(
+            f"--which {which} does not apply to a bundle ({source} holds one model); leave --which out"
+        )
+    raise CheckpointError(
+        f"--which {which} does not apply: {source} holds a single model (layout {loaded.layout}), "
+        "not a student and a teacher; leave --which out"
+    )
+
+
 def _final_norm(sd: StateDict, layout: str) -> StateDict | None:
     if layout != "dino" or "norm.weight" not in sd or "norm.bias" not in sd:
         return None

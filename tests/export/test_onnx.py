@@ -173,6 +173,29 @@ def test_cli_gate_failure_names_the_flag(
     assert "force=True" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["onnx", "--precision", "int8", "--calibration", "NODIR"],
+        ["onnx", "--fixtures", "NODIR"],
+        ["onnx", "--max-batch", "0"],
+        ["tensorrt", "--target", "x", "--calibration", "NODIR"],
+        ["batch", "--targets", "t.yaml", "--out", "o", "--calibration", "NODIR"],
+    ],
+)
+def test_bad_folders_and_numbers_are_refused_before_the_model_loads(
+    tiny_bundle: Bundle, argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused as the command line is read (exit 2, the flag named), not after tracing the model."""
+    argv = [a.replace("NODIR", str(tmp_path / "nodir")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(["export", argv[0], "--bundle", str(tiny_bundle.path), *argv[1:]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert ("image folder not found" in err or "must be at least 1" in err) and "--" in err, err
+    assert not list(tiny_bundle.path.glob("onnx/*"))
+
+
 def test_re_export_replaces_its_record(tiny_bundle: Bundle) -> None:
     export_onnx(tiny_bundle.path, "fp32", sizes=[(32, 32)], max_batch=2)
     export_onnx(tiny_bundle.path, "fp32", sizes=[(32, 32)], max_batch=8)

@@ -64,7 +64,9 @@ def read_rgb(path: Path, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
 
 
 class ImageFolder:
-    """Every JPEG/PNG/WebP under `root`, sorted; `ds[i]` is uint8 (H, W, 3).
+    """Every JPEG/PNG/WebP under `root`, sorted; `ds[i]` is uint8 (H, W, 3). A root laid out as
+    `images/` + `masks/` (a `write_scenes` output, a segmentation set) is read as its `images/`: the
+    masks are labels, not training images.
 
     Unreadable files are recorded once in `failures` ((path, reason)) and replaced by the next
     readable file in order. With `validate=True` every file is decoded up front and the failures are
@@ -83,6 +85,8 @@ class ImageFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
+        if (self.root / "images").is_dir() and (self.root / "masks").is_dir():
+            self.root = self.root / "images"
         self.limits = limits
         self.paths: list[Path] = list_files(self.root, exts)
         if not self.paths:
@@ -392,6 +396,4 @@ def open_dataset(
         raise FileNotFoundError(f"dataset not found: {text} (a folder, or synthetic:N[:seed[:size]])")
     if not root.is_dir():
         raise ValueError(f"dataset must be a folder or synthetic:N[:seed[:size]], got the file {text}")
-    if (root / "images").is_dir() and (root / "masks").is_dir():
-        return ImageFolder(root / "images", **kwargs)
     return ImageFolder(root, **kwargs)

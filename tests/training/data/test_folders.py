@@ -172,5 +172,8 @@ def test_open_dataset_specs(tmp_path: Path) -> None:
     out = write_scenes(tmp_path / "syn", 3, config=SceneConfig(size=32))
     folder = open_dataset(out)
     assert isinstance(folder, ImageFolder) and len(folder) == 3  # images/, not the masks
+    direct = ImageFolder(out)  # the class itself, as the Python API and neighbour files use it
+    assert len(direct) == 3 and direct.relative_paths == folder.relative_paths
+    assert direct.fingerprint() == folder.fingerprint()
     with pytest.raises(FileNotFoundError):
         open_dataset(tmp_path / "nope")

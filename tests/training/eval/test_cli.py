@@ -231,6 +231,41 @@ def test_json_records_sizes_which_weights_and_preprocessing(tmp_path: Path) -> N
     assert st["environment"]["device"] == "cpu"
 
 
+def test_which_is_refused_for_a_file_holding_one_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As in `cotap export bundle`: --which on a bundle or a single-model file is an error, not ignored."""
+    from cotap.core.preprocess import PreprocessConfig
+    from cotap.training.bundles import write_model_bundle
+
+    write_model_bundle(
+        build_model("cotap_test"),
+        "cotap_test",
+        tmp_path / "b",
+        name="t",
+        preprocess=PreprocessConfig(size=(32, 32), patch_size=8),
+    )
+    torch.save(build_model("cotap_test").state_dict(), tmp_path / "plain.pth")
+    for model, message in (
+        (tmp_path / "b", "does not apply to a bundle"),
+        (tmp_path / "plain.pth", "holds a single model"),
+    ):
+        argv = [
+            "eval",
+            "overcluster",
+            "--model",
+            str(model),
+            "--which",
+            "student",
+            "--data",
+            "synthetic:4:0:32",
+        ]
+        assert main([*argv, "--json", str(tmp_path / "r.json"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "--which student does not apply" in err and message in err, err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_one_input_size_for_both_splits() -> None:
     from cotap.training.eval import EvalConfig, Evaluator, FeatureConfig, open_eval_data
 
