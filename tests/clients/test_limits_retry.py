@@ -99,10 +99,12 @@ def test_retry_after_is_honoured(tiny_bundle: Path, gate: Gate) -> None:
         assert gate.entered.wait(10)  # one image in the model, held
         second = threading.Thread(target=blocked[1].embed, args=(jpeg(),))
         second.start()
-        for _ in range(100):  # until the queue holds the second one
+        for _ in range(250):  # until the queue holds the second one
             if metric(url, "cotap_queue_depth") == 1:
                 break
             time.sleep(0.02)
+        else:
+            raise AssertionError("the second request never reached the queue")
         threading.Timer(0.3, gate.release).start()
         with Client(url, retry=RetryPolicy(max_attempts=5, base_s=0.01, cap_s=0.01)) as client:
             client.models()
@@ -118,10 +120,12 @@ def test_retry_after_is_honoured(tiny_bundle: Path, gate: Gate) -> None:
                 assert gate.entered.wait(10)
                 fourth = threading.Thread(target=blocked[1].embed, args=(jpeg(),))
                 fourth.start()
-                for _ in range(100):
+                for _ in range(250):
                     if metric(url, "cotap_queue_depth") == 1:
                         break
                     time.sleep(0.02)
+                else:
+                    raise AssertionError("the queued request never reached the queue")
                 with pytest.raises(QueueFull) as refused:
                     impatient.embed(jpeg())
             finally:

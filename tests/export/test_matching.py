@@ -111,3 +111,16 @@ def test_export_records_a_parity_report_and_refuses_a_wrong_graph(
     with pytest.raises(matching.MatchingParityError, match="disagrees"):
         export_matching_onnx(tmp_path / "bad.onnx", 16)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_ties_go_to_the_lowest_index_like_the_servers_post_processing(tmp_path: Path) -> None:
+    """Identical patches (a flat image) tie everywhere: the graph answers as NumpyOps and TorchOps do."""
+    rec = export_matching_onnx(tmp_path / "m.onnx", 4, top_k=3)
+    sess = ort.InferenceSession(rec["file"], providers=["CPUExecutionProvider"])
+    src, tgt = np.ones((1, 2, 2, 4), np.float32), np.ones((1, 2, 3, 4), np.float32)
+    tgt[0, 0, 0] = [1, 0, 0, 0]  # the first target patch is the worst match; the rest tie
+    got = dict(
+        zip([o.name for o in sess.get_outputs()], sess.run(None, {"source": src, "target": tgt}), strict=True)
+    )
+    assert (got["match"] == 1).all() and (got["match_topk"] == [1, 2, 3]).all()
+    assert got["mutual"].ravel().tolist() == [True, False, False, False]  # target 1's best source is source 0

@@ -285,6 +285,7 @@ def test_onnxruntime_refuses_sizes_it_was_not_exported_for(onnx_bundle: Path) ->
 
 
 @pytest.mark.trt
+@pytest.mark.gpu  # TensorRT installed on a machine without a GPU: skipped, not failed
 def test_tensorrt_backend_checks_the_engine_against_this_gpu(tiny_bundle: Path) -> None:
     from cotap.server.backends.tensorrt_backend import device_facts
 

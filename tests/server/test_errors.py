@@ -26,6 +26,37 @@ def envelope(r: httpx.Response, status: int, code: str) -> str:
     return str(body["error"]["message"])
 
 
+def test_the_body_limit_is_inclusive_with_and_without_content_length(tiny_bundle: Path) -> None:
+    """A body of exactly max_body_bytes is read; one byte more is 413, whether its length is declared
+    or it arrives chunked."""
+    import base64
+    from collections.abc import AsyncIterator
+
+    limit = 4096
+    image = base64.b64encode(jpeg()).decode()
+
+    def body_of(size: int) -> bytes:
+        doc = ('{"images": ["' + image + '"]}').encode()
+        assert len(doc) <= size
+        return doc[:-1] + b" " * (size - len(doc)) + b"}"  # JSON whitespace pads it to size
+
+    async def chunked(data: bytes) -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
+
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle, max_body_bytes=limit)) as (_, c):
+            headers = {"content-type": "application/json"}
+            for size, status in ((limit, 200), (limit + 1, 413)):
+                data = body_of(size)
+                r = await c.post("/v1/embed", content=data, headers=headers)
+                assert r.status_code == status, (size, r.text)
+                r = await c.post("/v1/embed", content=chunked(data), headers=headers)
+                assert r.status_code == status, ("chunked", size, r.text)
+
+    run(body())
+
+
 def test_4xx_statuses(tiny_bundle: Path) -> None:
     async def body() -> None:
         settings = settings_for(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -30,8 +31,8 @@ def start_serve(bundle: Path, log: Path, **env: str) -> tuple[subprocess.Popen[b
 
 def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    # A lone image waits up to 1.5 s for company while another upload is still arriving.
-    proc, port = start_serve(tiny_bundle, log, COTAP_MAX_QUEUE_DELAY_MS="1500")
+    # A lone image waits up to 10 s for company while another upload is still arriving.
+    proc, port = start_serve(tiny_bundle, log, COTAP_MAX_QUEUE_DELAY_MS="10000")
     base = f"http://127.0.0.1:{port}"
     slow = socket.socket()
     try:
@@ -62,7 +63,7 @@ def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path)
         proc.send_signal(signal.SIGTERM)
         t.join(20)
         assert result["r"].status_code == 200, result["r"].text
-        assert time.monotonic() - t_term < 1.4  # the drain ran the queued batch at once
+        assert time.monotonic() - t_term < 3.0  # the drain ran the queued batch at once, not after 10 s
         assert proc.poll() is None  # still draining: the stalled upload is in flight
         try:
             refused = httpx.post(
@@ -88,10 +89,11 @@ def test_sigterm_drains_in_flight_and_exits_0(tiny_bundle: Path, tmp_path: Path)
 
 
 def test_drain_timeout_bounds_the_whole_stop(tiny_bundle: Path, tmp_path: Path) -> None:
-    # an upload that never finishes: the process still exits drain_timeout_s (+ about 1 s, + the
-    # interpreter's exit) after SIGTERM, not once per shutdown stage (which took 4 + 4 s)
+    """An upload that never finishes: the server stops drain_timeout_s (+ about 1 s) after it starts
+    draining, not once per shutdown stage (the bug: drain timeout + uvicorn's graceful wait). Timed
+    by the process's own log stamps, so a loaded machine's slow interpreter exit does not count."""
     log = tmp_path / "serve.log"
-    proc, port = start_serve(tiny_bundle, log, COTAP_DRAIN_TIMEOUT_S="4", COTAP_BODY_TIMEOUT_S="60")
+    proc, port = start_serve(tiny_bundle, log, COTAP_DRAIN_TIMEOUT_S="3", COTAP_BODY_TIMEOUT_S="60")
     stalled = socket.socket()
     try:
         wait_ready(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, log=log)
@@ -101,19 +103,19 @@ def test_drain_timeout_bounds_the_whole_stop(tiny_bundle: Path, tmp_path: Path) 
             b"Content-Length: 100000\r\n\r\n--b\r\n"
         )
         time.sleep(0.3)
-        t_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        took = time.monotonic() - t_term
-        print(f"\nstopped {took:.2f} s after SIGTERM")
-        assert 4.0 <= took < 7.0, took  # before: 4 s drain + 4 s of uvicorn's graceful wait
+        assert proc.wait(30) == 0
     finally:
         stalled.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    msgs = [json.loads(x)["msg"] for x in log.read_text().splitlines() if x.startswith("{")]
-    assert "drain timeout: stopping with requests in flight" in msgs and "stopped" in msgs
+    records = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    stamp = {r["msg"]: datetime.fromisoformat(r["ts"]) for r in records}
+    assert "drain timeout: stopping with requests in flight" in stamp and "stopped" in stamp
+    took = (stamp["stopped"] - stamp["draining"]).total_seconds()
+    print(f"\nstopped {took:.2f} s after draining began")
+    assert 3.0 <= took < 5.9, took  # the bug: 3 s drain + 3 s of uvicorn's graceful wait, 6 s or more
 
 
 def test_serve_exits_1_when_the_model_cannot_load(tmp_path: Path) -> None:
