@@ -44,16 +44,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     knn = p.add_argument_group("knn")
     knn.add_argument("--data", help="knn: image folder or synthetic:N[:seed[:size]]")
     knn.add_argument("--checkpoint", help="knn: the model that embeds the CLS tokens (the initial model)")
-    knn.add_argument("--k", type=int, help="knn: neighbours kept per image, self first (default 7)")
+    knn.add_argument(
+        "--k", type=int_at_least(1), help="knn: neighbours kept per image, self first (default 7)"
+    )
     knn.add_argument(
         "--size",
-        type=int,
+        type=int_at_least(1),
         help="knn: each image's central square is resized to SIZExSIZE (default: the model's input size)",
     )
     knn.add_argument(
         "--no-crop", action="store_true", help="knn: squash whole images to SIZExSIZE instead of cropping"
     )
-    knn.add_argument("--batch-size", type=int, help="knn: images per forward (default 32)")
+    knn.add_argument("--batch-size", type=int_at_least(1), help="knn: images per forward (default 32)")
     p.set_defaults(func=_train)
 
 

@@ -263,6 +263,12 @@ def _verify(root: Path, manifest: Mapping[str, Any]) -> None:
 def read_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     """Open a bundle directory, verifying every file before returning. Raises `BundleError`."""
     root = Path(path)
+    if root.is_file():
+        raise BundleError(
+            f"{root} is a file, not a bundle directory; a checkpoint becomes a bundle with "
+            f"`cotap export bundle --checkpoint {root} --out DIR`",
+            root,
+        )
     if not root.is_dir():
         raise BundleError(f"bundle directory not found: {root}", root)
     manifest_path = root / MANIFEST

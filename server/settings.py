@@ -128,7 +128,7 @@ class Settings(BaseSettings):
         3.0, ge=0, le=10_000, description="how long the first image of a batch waits for company"
     )
     deadline_ms: int = Field(30_000, ge=1, description="per-request deadline (504 beyond)")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
     worker_threads: int = Field(1, ge=1, le=64, description="inference worker threads")
     decode_threads: int = Field(2, ge=1, le=256, description="image decoding threads")
     intra_op_threads: int = Field(

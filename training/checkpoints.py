@@ -53,6 +53,13 @@ class LoadedModel:
 
 # -- reading ---------------------------------------------------------------------------------------
 def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
+        raise CheckpointError(
+            f"{path} is not a checkpoint: expected a torch.save file (.pt/.pth/.ckpt), a .safetensors "
+            "file or a bundle directory"
+        )
     try:
         # DINO's full checkpoints carry their argparse Namespace; it is a plain attribute bag.
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -207,7 +207,8 @@ class Trainer:
             try:
                 backbone = build_model(config.model.arch, **config.model.overrides)
             except (KeyError, TypeError, ValueError) as e:
-                raise ConfigError(f"config key model.arch/model.overrides: {e}") from e
+                why = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is quoted
+                raise ConfigError(f"config key model.arch/model.overrides: {why}") from e
             self.arch = config.model.arch
             self.init_note = "scratch"
         else:
@@ -484,6 +485,12 @@ class Trainer:
                 "`cotap train knn` and set data.knn=FILE",
                 file=sys.stderr,
             )
+        if self.step >= end and self.env.is_main:
+            print(
+                f"{cfg.name}: the run is already at step {self.step} (max_steps={cfg.max_steps}); nothing to "
+                f"train. To train longer: cotap train --out {self.run_dir} --resume max_steps=N",
+                file=sys.stderr,
+            )
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -507,6 +514,8 @@ class Trainer:
                     file=sys.stderr,
                 )
             raise KeyboardInterrupt
+        if checkpoint is None and (self.ckpt_dir / LAST).is_file():
+            checkpoint = self.ckpt_dir / LAST  # nothing ran: the run's latest checkpoint
         elapsed = time.perf_counter() - started
         steps_per_s = (self.step - start_step) / elapsed if elapsed > 0 else 0.0
         plot = bundle = None

@@ -203,9 +203,13 @@ async def run_inference(
         model = state.model(opts.model)
         n = len(payload.images)
         if n == 0:
-            what = (
-                "image parts (field 'image')" if kind == "images" else "pairs (fields 'source' and 'target')"
-            )
+            as_json = request.headers.get("content-type", "").lower().startswith("application/json")
+            what = {
+                ("images", False): "image parts (field 'image')",
+                ("images", True): 'base64 images in "images"',
+                ("pairs", False): "pairs (fields 'source' and 'target')",
+                ("pairs", True): 'pairs in "pairs": [{"source": b64, "target": b64}]',
+            }[(kind, as_json)]
             raise ServerError(ErrorCode.INVALID_PARAMETERS, f"no images: send one or more {what}")
         if n > settings.max_images_per_request:
             raise ServerError(

@@ -77,6 +77,16 @@ def test_unexpected_file_is_named(bundle_dir: Path) -> None:
         read_bundle(bundle_dir)
 
 
+def test_a_file_named_as_a_bundle_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "last.pt").write_bytes(b"x")
+    with pytest.raises(
+        BundleError, match=r"is a file, not a bundle directory.*cotap export bundle --checkpoint"
+    ):
+        read_bundle(tmp_path / "last.pt")
+    with pytest.raises(BundleError, match="bundle directory not found"):
+        read_bundle(tmp_path / "nothing")
+
+
 def test_unknown_schema_version(bundle_dir: Path) -> None:
     m = json.loads((bundle_dir / MANIFEST).read_text())
     m["schema_version"] = 99

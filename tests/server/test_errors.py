@@ -57,6 +57,27 @@ def test_the_body_limit_is_inclusive_with_and_without_content_length(tiny_bundle
     run(body())
 
 
+def test_no_images_is_worded_for_the_body_that_was_sent(tiny_bundle: Path) -> None:
+    async def body() -> None:
+        async with running(settings_for(tiny_bundle)) as (_, c):
+            msg = envelope(await c.post("/v1/embed", json={"images": []}), 422, "invalid_parameters")
+            assert 'base64 images in "images"' in msg
+            msg = envelope(await c.post("/v1/correspond", json={"pairs": []}), 422, "invalid_parameters")
+            assert 'pairs in "pairs"' in msg
+            only_an_option = (
+                b'--b\r\nContent-Disposition: form-data; name="normalize"\r\n\r\ntrue\r\n--b--\r\n'
+            )
+            r = await c.post(
+                "/v1/embed",
+                content=only_an_option,
+                headers={"content-type": "multipart/form-data; boundary=b"},
+            )
+            msg = envelope(r, 422, "invalid_parameters")
+            assert "image parts (field 'image')" in msg
+
+    run(body())
+
+
 def test_4xx_statuses(tiny_bundle: Path) -> None:
     async def body() -> None:
         settings = settings_for(

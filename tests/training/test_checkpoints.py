@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from cotap.export.bundle import export_bundle
 from cotap.training.checkpoints import TRAIN_FORMAT, CheckpointError, load_model
+from cotap.training.models import build_model
 
 D, DEPTH, HEADS, P, M, GRID = 32, 2, 2, 8, 64, 4
 
@@ -247,3 +248,13 @@ def test_unknown_layout(tmp_path: Path) -> None:
         load_model(_save(tmp_path, {"foo": 1}))  # type: ignore[dict-item]
     with pytest.raises(CheckpointError, match="not found"):
         load_model(tmp_path / "nope.pth")
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path: Path) -> None:
+    """Not pickle advice for a text file: it is not a checkpoint at all."""
+    (tmp_path / "notes.md").write_text("# notes\n")
+    with pytest.raises(CheckpointError, match=r"notes.md is not a checkpoint: expected a torch.save file"):
+        load_model(tmp_path / "notes.md")
+    legacy = tmp_path / "legacy.pt"  # the pre-zip torch.save format still loads
+    torch.save(build_model("cotap_test").state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert load_model(legacy, arch="cotap_test").layout in ("plain", "dino")

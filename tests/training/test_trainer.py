@@ -242,6 +242,17 @@ def test_resume_refuses_settings_that_would_make_another_run(
     assert longer.step == 20 and longer.config.max_steps == 25
 
 
+def test_resuming_a_finished_run_says_so(
+    unbroken: tuple[Trainer, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(unbroken[1], out)
+    capsys.readouterr()
+    result = Trainer(tiny_config("plot=false", "bundle.enabled=false"), out, resume=True).fit()
+    assert result.step == 20 and result.checkpoint == out / "checkpoints" / "last.pt"
+    assert "already at step 20 (max_steps=20); nothing to train" in capsys.readouterr().err
+
+
 def test_ablation_switches_and_init_from_bundle(unbroken: tuple[Trainer, Path], tmp_path: Path) -> None:
     _, out = unbroken
     cfg = tiny_config(
@@ -357,7 +368,11 @@ def test_cli_knn_then_train_with_neighbour_pairs(
     ("overrides", "error", "match"),
     [
         (["data.views.global_sise=32"], ConfigError, "data.views"),
-        (["model.arch=cotap_nope"], ConfigError, "model.arch"),
+        (
+            ["model.arch=cotap_nope"],
+            ConfigError,
+            r"model.arch/model.overrides: unknown model .cotap_nope.; known",
+        ),
         (["bank.size=32"], ConfigError, "bank.size"),
         (["data.train=/nonexistent/folder"], TrainError, "dataset not found"),
         (["data.views.global_size=36"], TrainError, "multiples of the patch size"),

@@ -164,6 +164,10 @@ def build_knn_file(
     if isinstance(dataset, (str, os.PathLike)):
         spec = os.fspath(dataset)
         dataset = open_dataset(spec)
+    if not 1 <= k <= len(dataset):  # before the (long) embedding pass, not after it
+        raise ValueError(f"k={k} must be between 1 and the number of images ({len(dataset)})")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     loaded = load_model(checkpoint, arch=arch)
     model = loaded.model
     patch = model.config.patch_size

@@ -186,3 +186,18 @@ def test_images_are_center_cropped_to_a_square(tmp_path: Path, bundle: Path) -> 
     torch.testing.assert_close(got, want_cls)
     squashed = embed_cls(model, ds, pre, batch_size=2, progress=False, center_crop=False)
     assert not torch.allclose(squashed, want_cls)
+
+
+@pytest.mark.parametrize(
+    ("k", "batch_size", "match"),
+    [(0, 8, "k=0 must be between 1"), (9, 8, r"k=9 .*\(8\)"), (3, 0, "batch size")],
+)
+def test_bad_k_and_batch_size_are_refused_before_any_model_loads(
+    tmp_path: Path, k: int, batch_size: int, match: str
+) -> None:
+    """No embedding pass (minutes on a real dataset) before a k the dataset cannot give is refused:
+    the checkpoint here does not even exist."""
+    with pytest.raises(ValueError, match=match):
+        build_knn_file(
+            "synthetic:8:0:32", tmp_path / "missing.pt", k=k, batch_size=batch_size, out=tmp_path / "n.npz"
+        )
