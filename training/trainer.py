@@ -43,7 +43,7 @@ from cotap.core.bundle import Bundle, sha256_file
 from cotap.core.preprocess import PreprocessConfig
 from cotap.core.version import environment
 from cotap.training.bundles import write_model_bundle
-from cotap.training.checkpoints import TRAIN_FORMAT, load_model
+from cotap.training.checkpoints import TRAIN_FORMAT, load_model, torch_load_safely
 from cotap.training.config import (
     RESUMABLE_KEYS,
     ConfigError,
@@ -153,7 +153,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise TrainError(f"checkpoint not found: {p}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    ckpt = torch_load_safely(p)
     if not isinstance(ckpt, dict) or ckpt.get("format") != TRAIN_FORMAT:
         raise TrainError(f"{p} is not a {TRAIN_FORMAT} training checkpoint")
     return ckpt

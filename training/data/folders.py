@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cotap.core.images import DecodeLimits, ImageDecodeError, decode_image
+from cotap.core.images import IMAGE_SUFFIXES, DecodeLimits, ImageDecodeError, decode_image
 from cotap.training.data.synthetic import IGNORE, SceneConfig, SyntheticScenes
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 _ORIENTATION_TAG = 0x0112
 # Undo PIL's exif_transpose for each EXIF orientation (masks are drawn on the stored pixels).
 _UNDO_ORIENTATION = {
@@ -77,7 +76,7 @@ class ImageFolder:
     def __init__(
         self,
         root: str | os.PathLike[str],
-        exts: Sequence[str] = IMAGE_EXTS,
+        exts: Sequence[str] = IMAGE_SUFFIXES,
         limits: DecodeLimits = DecodeLimits(),
         validate: bool = False,
         progress: bool = False,
@@ -197,7 +196,7 @@ class SegmentationFolder:
         strict: bool = True,
         label_map: Sequence[int] | np.ndarray | None = None,
         num_classes: int | None = None,
-        exts: Sequence[str] = IMAGE_EXTS,
+        exts: Sequence[str] = IMAGE_SUFFIXES,
         limits: DecodeLimits = DecodeLimits(),
     ) -> None:
         self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from cotap.training.foreground import gaussian_kernel1d
 from cotap.training.preprocess import resize_to
 
 Box: TypeAlias = tuple[int, int, int, int]  # integer pixels (top, left, height, width)
@@ -280,12 +281,6 @@ def adjust_hue(x: torch.Tensor, factor: float) -> torch.Tensor:
     hsv = rgb_to_hsv(x)
     h = torch.remainder(hsv[..., 0, :, :] + factor, 1.0)
     return hsv_to_rgb(torch.stack([h, hsv[..., 1, :, :], hsv[..., 2, :, :]], dim=-3))
-
-
-def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
-    w = torch.exp(-0.5 * (x / sigma) ** 2)
-    return w / w.sum()
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:

@@ -19,8 +19,9 @@ from tqdm import tqdm
 from cotap.training.data.views import as_chw_uint8
 from cotap.training.eval.checks import check_float, check_int
 from cotap.training.eval.datasets import EvalDataset
-from cotap.training.eval.features import FrozenModel, input_size_for, resize_image
+from cotap.training.eval.features import FrozenModel, input_size_for
 from cotap.training.eval.geometry import WarpConfig, apply_homography, random_homography, warp_image
+from cotap.training.preprocess import resize_to
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def run_correspondence(
         idx = range(start, min(n, start + config.batch_size))
         sources, targets, homs = [], [], []
         for i in idx:
-            img = resize_image(as_chw_uint8(data[i].image), size)
+            img = resize_to(as_chw_uint8(data[i].image), size)
             hom = random_homography(size, config.warp, np.random.default_rng([config.seed, i]))
             warped, _ = warp_image(img, hom)
             sources.append(img)

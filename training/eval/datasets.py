@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from cotap.core.images import ImageDecodeError
+from cotap.core.images import IMAGE_SUFFIXES, ImageDecodeError
 from cotap.training.data.folders import (
-    IMAGE_EXTS,
     SegmentationFolder,
     fingerprint_paths,
     list_files,
@@ -220,12 +219,12 @@ def class_folder(root: str | os.PathLike[str], name: str | None = None, min_clas
     warning."""
     base = Path(root)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    loose = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     paths: list[Path] = []
     labels: list[int] = []
     filled: list[str] = []
     for c, cname in enumerate(classes):
-        found = list_files(base / cname, IMAGE_EXTS)
+        found = list_files(base / cname, IMAGE_SUFFIXES)
         paths += found
         labels += [c] * len(found)
         if found:
@@ -259,7 +258,7 @@ def class_folder(root: str | os.PathLike[str], name: str | None = None, min_clas
 
 
 def _has_images(d: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_EXTS for p in d.iterdir() if p.is_file())
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir() if p.is_file())
 
 
 def open_eval_data(spec: str | os.PathLike[str], num_classes: int | None = None) -> EvalDataset:

@@ -202,13 +202,6 @@ def input_size_for(data: EvalDataset, patch_size: int, size: tuple[int, int] | N
     return int(h), int(w)
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8/float (3, H, W) in [0, 255] -> float32 (3, h, w) in [0, 255], Pillow-equivalent bicubic."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image.to(torch.float32)
-    return resize_to(image, size)
-
-
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 (..., H, W) class ids -> uint8 (..., h, w) by nearest neighbour (pixel centres)."""
     if tuple(mask.shape[-2:]) == tuple(size):
@@ -274,7 +267,7 @@ def extract_features(
         batch: list[torch.Tensor] = []
         for i in range(start, min(n, start + config.batch_size)):
             item = data[i]
-            batch.append(resize_image(as_chw_uint8(item.image), size))
+            batch.append(resize_to(as_chw_uint8(item.image), size))
             if has_masks:
                 if item.mask is None:
                     raise ValueError(f"{data.name}: item {i} has no mask")
