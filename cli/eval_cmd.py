@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cotap.cli.common import CLIError, int_at_least, ints_at_least, number_in, parse_size, require
+from cotap.core.fsio import write_json
 
 PROTOCOL_HELP = (
     "linear | retrieval | overcluster | correspondence | knn | all, or a comma list such as linear,knn"
@@ -227,11 +228,9 @@ def _eval(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from e
     results["command"] = ["cotap", "eval", *sys.argv[2:]] if sys.argv[1:2] == ["eval"] else None
     if args.report:  # the report's copy gains the command line too
-        (Path(args.report) / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(Path(args.report) / "results.json", results, default=str)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(Path(args.json), results, default=str)
     summary: dict[str, Any] = {"model": results["model"].get("name"), "metrics": _summary(results)}
     summary["time_s"] = round(results["timing_s"]["total"], 1)
     if args.report:

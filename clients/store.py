@@ -16,8 +16,6 @@ counts as done:
 from __future__ import annotations
 
 import json
-import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from safetensors.numpy import save as save_safetensors
 
 from cotap.client.protocol import item_tensor, read_metadata
 from cotap.client.results import Embedding
+from cotap.core.fsio import TMP_MARK, atomic_write, write_json
 from cotap.core.wire import CLS, PATCH, metadata_strings
 
 FEATURES_FORMAT = "cotap-features-v1"
@@ -36,29 +35,11 @@ SUFFIX = ".safetensors"
 INDEX = "index.json"
 FAILURES = "failures.json"
 RUN = "embed.json"
-TMP_MARK = ".tmp-"
 
 
 def feature_path(dst: Path, rel: str) -> Path:
     """Where the features of the image at `rel` (a POSIX path under the source) go."""
     return dst / (rel + SUFFIX)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, doc: Any) -> None:
-    atomic_write(path, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
 
 
 def remove_stale_tmp(dst: Path) -> int:

@@ -18,7 +18,6 @@ on. `<out>/manifest.json` lists every target's status and files with their sha25
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import traceback
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from cotap.core.artifacts import OnnxArtifact
 from cotap.core.bundle import read_bundle, sha256_file
+from cotap.core.fsio import write_json
 from cotap.core.version import __version__, install_hint
 from cotap.export.fixtures import check_sizes, write_synthetic_folder
 from cotap.export.gate import GateError
@@ -245,7 +245,7 @@ def _one_target(
         "build_input": source.file,
         "warnings": result.warnings,
     }
-    (tdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_json(tdir / "report.json", report, sort_keys=True)
     result.files = {
         p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
         for p in sorted(tdir.iterdir())
@@ -344,5 +344,5 @@ def export_batch(
         },
     }
     manifest_path = out_dir / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_json(manifest_path, manifest, sort_keys=True)
     return BatchResult(out=out_dir, results=results, manifest_path=manifest_path)

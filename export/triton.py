@@ -38,6 +38,7 @@ from cotap.core.artifacts import (
     sizes_text,
 )
 from cotap.core.bundle import read_bundle, sha256_file
+from cotap.core.fsio import write_json
 
 KINDS = ("KIND_GPU", "KIND_CPU")
 
@@ -277,5 +278,5 @@ def export_triton(
         "forced_files": forced,
         "config_sha256": {m: sha256_file(repo / m / "config.pbtxt") for m in written},
     }
-    index.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+    write_json(index, existing, sort_keys=True)
     return written

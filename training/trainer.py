@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cotap.core.bundle import Bundle, sha256_file
+from cotap.core.fsio import atomic_path
 from cotap.core.preprocess import PreprocessConfig
 from cotap.core.version import environment
 from cotap.training.bundles import write_model_bundle
@@ -143,9 +144,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- checkpoints ---------------------------------------------------------------------------------------
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -394,9 +394,8 @@ class Trainer:
         path = self.ckpt_dir / f"step_{self.step:07d}.pt"
         if self.env.is_main:
             _atomic_save(self.state_dict(), path)
-            tmp = self.ckpt_dir / f".{LAST}.tmp"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.ckpt_dir / LAST)
+            with atomic_path(self.ckpt_dir / LAST) as tmp:
+                shutil.copyfile(path, tmp)
             keep = self.config.keep_checkpoints
             if keep > 0:
                 for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-keep]:

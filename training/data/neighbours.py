@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from cotap.core.fsio import atomic_path
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from cotap.core.version import __version__
 from cotap.training.checkpoints import load_model
@@ -209,11 +210,8 @@ def build_knn_file(
         "producer": f"cotap {__version__}",
     }
     path = Path(out) if out is not None else Path(f"nns_k{k}_{size}.npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, nns=nns, meta=np.array(json.dumps(meta)))
-    tmp.replace(path)
     return path
 
 

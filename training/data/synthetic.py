@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cotap.core.fsio import write_json
+
 SYNTHETIC_VERSION = "1"
 IGNORE = 255
 
@@ -615,5 +617,5 @@ def write_scenes(
         m = Image.frombytes("P", (scene.mask.shape[1], scene.mask.shape[0]), scene.mask.tobytes())
         m.putpalette(palette)
         m.save(out / "masks" / f"{i:05d}.png", "PNG")
-    (out / "meta.json").write_text(json.dumps(scenes.meta(labels), indent=1) + "\n")
+    write_json(out / "meta.json", scenes.meta(labels), indent=1)
     return out

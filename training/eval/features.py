@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from cotap.core.fsio import atomic_path
 from cotap.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from cotap.training.checkpoints import LoadedModel
 from cotap.training.data.views import as_chw_uint8
@@ -307,9 +307,8 @@ def extract_features(
             tensors["masks"] = feats.masks
         if feats.labels is not None:
             tensors["labels"] = feats.labels
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent runs
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key or ""})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # a temporary per process and thread: concurrent runs are fine
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key or ""})
     return feats
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cotap.core.fsio import write_json
 from cotap.training.eval.correspondence import PairMatches, patch_centres
 from cotap.training.eval.features import Features
 from cotap.training.eval.visual import (
@@ -52,7 +53,7 @@ class Report:
 
     def write(self, results: dict[str, Any], title: str = "cotap eval") -> Path:
         """Write `results.json` and `index.html`; returns the page's path."""
-        (self.dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(self.dir / "results.json", results, default=str)
         page = self.dir / "index.html"
         page.write_text(render_html(results, self.figures, title))
         return page
