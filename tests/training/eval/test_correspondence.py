@@ -133,3 +133,32 @@ def test_only_patches_landing_inside_count() -> None:
     assert pm.valid.reshape(4, 4)[:, 0].all() and not pm.valid.reshape(4, 4)[:, 1:].any()
     m = summarise([pm], (4, 4), CorrespondenceConfig())
     assert m["valid_patches"] == 4 and m["pck@0.05"] == pytest.approx(1.0)
+
+
+def test_a_non_square_grid_keeps_rows_and_columns_apart() -> None:
+    """A 3 × 5 grid shifted one patch down: valid means inside the target's height AND width (the
+    two must not swap), and the error is measured in patches along the right axes."""
+    h, w = 3, 5
+    down = np.array([[1, 0, 0], [0, 1, P], [0, 0, 1]], dtype=np.float64)
+    feats = torch.randn(h, w, 16)
+    target = torch.roll(feats, 1, dims=0)  # row r of the source is row r + 1 of the target
+    pm = score_pair(feats, target, down, P, (h * P, w * P))
+    valid = pm.valid.reshape(h, w)
+    assert valid[:2].all() and not valid[2].any()  # the last row leaves through the bottom
+    centres = (np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).reshape(-1, 2) + 0.5) * P  # (x, y)
+    np.testing.assert_allclose(pm.true_xy, centres + [0, P])
+    assert np.allclose(pm.error.reshape(h, w)[:2], 0)  # rows 0-1 found exactly
+    m = summarise([pm], (h, w), CorrespondenceConfig(alphas=(0.1,)))
+    assert m["valid_patches"] == 10 and m["pck@0.1"] == 1.0
+
+
+def test_pck_counts_an_error_of_exactly_alpha_times_the_longer_side() -> None:
+    """PCK@a counts errors <= a·max(h, w) patches (the longer side, so a 4 × 10 grid at a = 0.1
+    allows one patch); a hand-made pair puts errors on and just past that edge."""
+    error = np.array([0.0, 1.0, 1.0 + 1e-9, 2.0])
+    pm = score_pair(torch.randn(1, 4, 8), torch.randn(1, 4, 8), np.eye(3), P, (P, 4 * P))
+    pm.error, pm.valid = error, np.ones(4, bool)
+    pm.mutual = torch.tensor([True, True, False, False])
+    m = summarise([pm], (4, 10), CorrespondenceConfig(alphas=(0.1, 0.2), mutual_alpha=0.1))
+    assert m["pck@0.1"] == 0.5 and m["pck@0.2"] == 1.0  # 0 and 1 are within 1 patch; 2 within 2
+    assert m["mutual_precision@0.1"] == 1.0 and m["mutual_fraction"] == 0.5
