@@ -146,7 +146,7 @@ def test_a_non_square_grid_keeps_rows_and_columns_apart() -> None:
     valid = pm.valid.reshape(h, w)
     assert valid[:2].all() and not valid[2].any()  # the last row leaves through the bottom
     centres = (np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).reshape(-1, 2) + 0.5) * P  # (x, y)
-    np.testing.assert_allclose(pm.true_xy, centres + [0, P])
+    np.testing.assert_allclose(pm.true_xy, centres + np.array([0.0, P]))
     assert np.allclose(pm.error.reshape(h, w)[:2], 0)  # rows 0-1 found exactly
     m = summarise([pm], (h, w), CorrespondenceConfig(alphas=(0.1,)))
     assert m["valid_patches"] == 10 and m["pck@0.1"] == 1.0
