@@ -1,6 +1,7 @@
 """Files that appear whole or not at all: every writer of checkpoints, neighbour files, feature
-caches and extracted features goes through here, so that a reader never sees half a file and a
-failed or interrupted write leaves no temporary file behind."""
+caches and extracted features goes through here, so that a reader never sees half a file, a failed
+or interrupted write leaves no temporary file behind, and a renamed file's bytes are on disk first
+(fsync before the rename: after a power cut the old file or the whole new one, not an empty one)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ The graph is built with `onnx.helper` directly: no torch, a few nodes, any grid 
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -158,7 +159,8 @@ def check_matching(
     rng = np.random.default_rng(seed)
     width = dim or 32
     worst_score, compared, agree, mutual_agree = 0.0, 0, 0, 0
-    for (hs, ws), (ht, wt) in (((4, 5), (6, 3)), ((7, 7), (7, 7))):
+    rows = max(6, math.ceil(top_k / 3))  # both target grids (rows × 3, rows × 7) hold top_k patches
+    for (hs, ws), (ht, wt) in (((4, 5), (rows, 3)), ((7, 7), (rows, 7))):
         src = rng.normal(size=(2, hs, ws, width)).astype(np.float32)
         tgt = rng.normal(size=(2, ht, wt, width)).astype(np.float32)
         names = [o.name for o in session.get_outputs()]
@@ -198,10 +200,13 @@ def export_matching_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     model = matching_graph(dim, top_k, opset)
     onnx.save(model, str(path))
-    parity = check_matching(path, dim, top_k)
-    if parity["passed"] is False:
-        path.unlink()
-        raise MatchingParityError(f"the matching graph disagrees with its reference: {parity}")
+    try:
+        parity = check_matching(path, dim, top_k)
+        if parity["passed"] is False:
+            raise MatchingParityError(f"the matching graph disagrees with its reference: {parity}")
+    except BaseException:
+        path.unlink(missing_ok=True)  # an unchecked graph is not left behind
+        raise
     return {
         "file": str(path),
         "dim": dim,

@@ -59,8 +59,9 @@ def torch_load_safely(path: Path) -> Any:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a raw pickle
         raise CheckpointError(
-            f"{path} is not a checkpoint: expected a torch.save file (.pt/.pth/.ckpt), a .safetensors "
-            "file or a bundle directory"
+            f"{path} is not a checkpoint: expected a torch.save file (.pt/.pth/.ckpt; zip, or a pickle of "
+            "protocol 2 or newer, which is what weights_only loading reads), a .safetensors file or a "
+            "bundle directory"
         )
     try:
         # DINO's full checkpoints carry their argparse Namespace; it is a plain attribute bag.

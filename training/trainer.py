@@ -520,10 +520,14 @@ class Trainer:
         plot = bundle = None
         if self.env.is_main and cfg.plot and self.log is not None:
             plot = plot_metrics(self.log.path, self.run_dir / "curves.png", title=cfg.name)
+        existing = self.run_dir / "bundle"
         if self.step >= cfg.max_steps and cfg.bundle.enabled:
-            if self.env.is_main:
-                bundle = self.write_bundle(checkpoint or self.ckpt_dir / LAST).path
-            barrier()
+            if self.step == start_step and existing.is_dir():  # nothing ran: keep it (and its exports)
+                bundle = existing
+            else:
+                if self.env.is_main:
+                    bundle = self.write_bundle(checkpoint or self.ckpt_dir / LAST).path
+                barrier()
         return TrainResult(
             self.run_dir, self.step, checkpoint, bundle, plot, last_row, steps_per_s, self.env.is_main
         )

@@ -142,11 +142,19 @@ def tensorrt_profile_options(record: OnnxArtifact) -> dict[str, str]:
 
 
 def with_tensorrt_profile(providers: list[Any], record: OnnxArtifact) -> list[Any]:
-    """`providers` with the TensorRT EP's options extended by `tensorrt_profile_options(record)`."""
+    """`providers` with the TensorRT EP's options extended by `tensorrt_profile_options(record)`,
+    and its engine cache in a folder of this model's own (the ONNX file's sha256): the EP names
+    cached engines after the graph's file, input and node names, not its weights, so two bundles of
+    one architecture would otherwise load each other's engines."""
     out: list[Any] = []
     for p in providers:
         if isinstance(p, tuple) and p[0] == _TRT_EP:
-            p = (p[0], {**p[1], **tensorrt_profile_options(record)})
+            opts = {**p[1], **tensorrt_profile_options(record)}
+            if "trt_engine_cache_path" in opts:
+                own = Path(opts["trt_engine_cache_path"]) / (record.sha256[:16] or "unhashed")
+                own.mkdir(parents=True, exist_ok=True)
+                opts["trt_engine_cache_path"] = str(own)
+            p = (p[0], opts)
         out.append(p)
     return out
 

@@ -90,6 +90,9 @@ def test_export_records_a_parity_report_and_refuses_a_wrong_graph(
     disagrees with the reference is not written."""
     import cotap.export.matching as matching
 
+    assert export_matching_onnx(tmp_path / "k64.onnx", 16, top_k=64)["parity"][
+        "passed"
+    ]  # the server's largest k
     rec = export_matching_onnx(tmp_path / "m.onnx", 16, top_k=2)
     parity = rec["parity"]
     assert parity["passed"] is True and parity["score_max_abs"] <= 1e-5

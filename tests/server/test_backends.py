@@ -319,7 +319,12 @@ def test_onnxruntime_tensorrt_provider_gets_a_profile_and_a_cache_dir(
         {"device_id": 1, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)},
     )
     record = OnnxArtifact(
-        file="onnx/model-fp16.onnx", precision="fp16", sizes=((32, 32), (24, 40)), max_batch=16, opset=17
+        file="onnx/model-fp16.onnx",
+        precision="fp16",
+        sizes=((32, 32), (24, 40)),
+        max_batch=16,
+        opset=17,
+        sha256="ab" * 32,
     )
     # one profile covering every size and batch: ONNX Runtime keeps its context on profile 0
     assert tensorrt_profile_options(record) == {
@@ -333,7 +338,8 @@ def test_onnxruntime_tensorrt_provider_gets_a_profile_and_a_cache_dir(
     assert tensorrt_profile_options(small)["trt_profile_opt_shapes"] == "images:2x3x96x96"
     with_profile = with_tensorrt_profile(providers, record)
     assert with_profile[0][1]["trt_profile_max_shapes"] == "images:16x3x32x40"
-    assert with_profile[0][1]["trt_engine_cache_path"] == str(cache)
+    own = cache / ("ab" * 8)  # engines of this model only: the EP's cache key ignores the weights
+    assert with_profile[0][1]["trt_engine_cache_path"] == str(own) and own.is_dir()
     assert with_profile[1:] == providers[1:]  # the CUDA and CPU providers are unchanged
     assert choose_providers(GpuOrt(), "cpu") == (["CPUExecutionProvider"], False)
 

@@ -97,14 +97,20 @@ def test_top_k_ties_go_to_the_lowest_index(ops: NumpyOps | TorchOps) -> None:
     np.testing.assert_array_equal(pr["prototype_topk_id"][0, 0], [[0, 1, 2], [4, 0, 1]])
 
 
-def test_numpy_top_k_against_a_full_stable_sort() -> None:
+def test_top_k_against_a_full_stable_sort() -> None:
+    """Both partial top-k implementations (NumPy's, torch's) against the plain full stable sort."""
+    from cotap.server.backends.torch_ops import _topk
+
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 4, size=(50, 17)).astype(np.float32)  # many ties
+    x = rng.integers(0, 4, size=(3, 50, 17)).astype(np.float32)  # many ties
     for k in (1, 3, 17, 30):
         want = np.argsort(-x, axis=-1, kind="stable")[..., : min(k, 17)]
         np.testing.assert_array_equal(_topk_indices(x, k), want)
-    x[0, 3] = np.nan  # no order: still k indices, no crash
-    assert _topk_indices(x, 3).shape == (50, 3)
+        values, idx = _topk(torch.from_numpy(x), k)
+        np.testing.assert_array_equal(idx.numpy(), want)
+        np.testing.assert_array_equal(values.numpy(), np.take_along_axis(x, want, -1))
+    x[0, 0, 3] = np.nan  # no order: still k indices, no crash
+    assert _topk_indices(x, 3).shape == (3, 50, 3) and _topk(torch.from_numpy(x), 3)[1].shape == (3, 50, 3)
 
 
 def test_shorter_side_never_rounds_a_side_to_zero() -> None:

@@ -248,9 +248,13 @@ def test_resuming_a_finished_run_says_so(
     out = tmp_path / "run"
     shutil.copytree(unbroken[1], out)
     capsys.readouterr()
-    result = Trainer(tiny_config("plot=false", "bundle.enabled=false"), out, resume=True).fit()
+    (out / "bundle" / "onnx").mkdir()  # stands for exports added to the run's bundle since
+    before = (out / "bundle" / "manifest.json").read_bytes()
+    result = Trainer(tiny_config("plot=false"), out, resume=True).fit()
     assert result.step == 20 and result.checkpoint == out / "checkpoints" / "last.pt"
     assert "already at step 20 (max_steps=20); nothing to train" in capsys.readouterr().err
+    assert result.bundle == out / "bundle" and (out / "bundle" / "onnx").is_dir()  # not rewritten
+    assert (out / "bundle" / "manifest.json").read_bytes() == before
 
 
 def test_ablation_switches_and_init_from_bundle(unbroken: tuple[Trainer, Path], tmp_path: Path) -> None:

@@ -63,9 +63,9 @@ def read_rgb(path: Path, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
 
 
 class ImageFolder:
-    """Every JPEG/PNG/WebP under `root`, sorted; `ds[i]` is uint8 (H, W, 3). A root laid out as
+    """Every JPEG/PNG/WebP under `root`, sorted; `ds[i]` is uint8 (H, W, 3). A root that holds only
     `images/` + `masks/` (a `write_scenes` output, a segmentation set) is read as its `images/`: the
-    masks are labels, not training images.
+    masks are labels, not training images (a root with other images besides is read whole).
 
     Unreadable files are recorded once in `failures` ((path, reason)) and replaced by the next
     readable file in order. With `validate=True` every file is decoded up front and the failures are
@@ -84,10 +84,13 @@ class ImageFolder:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        if (self.root / "images").is_dir() and (self.root / "masks").is_dir():
-            self.root = self.root / "images"
         self.limits = limits
         self.paths: list[Path] = list_files(self.root, exts)
+        tops = {p.relative_to(self.root).parts[0] for p in self.paths}
+        if (self.root / "images").is_dir() and (self.root / "masks").is_dir() and tops <= {"images", "masks"}:
+            log.info("%s holds images/ and masks/ only: reading its images/", self.root)
+            self.root = self.root / "images"
+            self.paths = [p for p in self.paths if p.is_relative_to(self.root)]
         if not self.paths:
             raise ValueError(f"no images ({', '.join(exts)}) found under {self.root}")
         self.failures: list[tuple[str, str]] = []

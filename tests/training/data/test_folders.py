@@ -175,5 +175,7 @@ def test_open_dataset_specs(tmp_path: Path) -> None:
     direct = ImageFolder(out)  # the class itself, as the Python API and neighbour files use it
     assert len(direct) == 3 and direct.relative_paths == folder.relative_paths
     assert direct.fingerprint() == folder.fingerprint()
+    Image.new("RGB", (8, 8)).save(out / "loose.png")  # images of its own besides: the root is read whole
+    assert len(ImageFolder(out)) == 7 and ImageFolder(out).root == out
     with pytest.raises(FileNotFoundError):
         open_dataset(tmp_path / "nope")
