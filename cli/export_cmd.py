@@ -229,9 +229,7 @@ def _onnx(args: argparse.Namespace) -> int:
             fixtures=args.fixtures,
             progress=True,
         )
-    except GateError as e:
-        raise CLIError(_cli_message(e)) from e
-    except (BundleError, CheckpointError, FixtureError, ValueError) as e:
+    except (GateError, BundleError, CheckpointError, FixtureError, ValueError) as e:
         raise CLIError(_cli_message(e)) from e
     from cotap.export.gate import summary_of
 
@@ -284,9 +282,7 @@ def _tensorrt(args: argparse.Namespace) -> int:
             force=args.force,
             progress=True,
         )
-    except TensorRTUnavailable as e:
-        raise CLIError(_cli_message(e)) from e
-    except (BundleError, TargetError, EngineCompatibilityError, ValueError) as e:
+    except (TensorRTUnavailable, BundleError, TargetError, EngineCompatibilityError, ValueError) as e:
         raise CLIError(_cli_message(e)) from e
     print(json.dumps(record.to_dict(), indent=2))
     return 0
