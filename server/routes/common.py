@@ -36,6 +36,7 @@ from cotap.server.errors import ServerError
 from cotap.server.options import OptionsT, check_repeats, merge_options
 from cotap.server.registry import ServedModel
 from cotap.server.scheduler import Finish, Job
+from cotap.server.settings import Settings
 from cotap.server.state import ServerState
 
 # Every inference route documents both request forms in OpenAPI (the body is parsed by hand so
@@ -168,6 +169,52 @@ async def _receive(state: ServerState, request: Request) -> bytes:
         state.uploads -= 1
 
 
+def _check_count(request: Request, kind: PayloadKind, n: int, settings: Settings) -> None:
+    """422 for no images (worded for the body sent), 413 for more than a request or the queue holds."""
+    if n == 0:
+        as_json = request.headers.get("content-type", "").lower().startswith("application/json")
+        what = {
+            ("images", False): "image parts (field 'image')",
+            ("images", True): 'base64 images in "images"',
+            ("pairs", False): "pairs (fields 'source' and 'target')",
+            ("pairs", True): 'pairs in "pairs": [{"source": b64, "target": b64}]',
+        }[(kind, as_json)]
+        raise ServerError(ErrorCode.INVALID_PARAMETERS, f"no images: send one or more {what}")
+    if n > settings.max_images_per_request:
+        raise ServerError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"{n} images in one request; the limit is {settings.max_images_per_request}",
+        )
+    if n > settings.max_queue:  # could never be queued: a retryable 429 would loop forever
+        raise ServerError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"{n} images in one request; the queue holds at most {settings.max_queue} "
+            "(max_queue): split the request",
+        )
+
+
+def _item_labels(kind: PayloadKind, n: int) -> list[str]:
+    """How error messages name each image: `image 3`, or `pair 1 target`."""
+    if kind == "images":
+        return [f"image {i}" for i in range(n)]
+    return [f"pair {i // 2} {'source' if i % 2 == 0 else 'target'}" for i in range(n)]
+
+
+def _check_sizes(model: ServedModel, pixels: list[np.ndarray]) -> None:
+    """422 when an image's input size (after the resize policy) is not one the backend was built for."""
+    supported = model.backend.sizes
+    if supported is None:
+        return
+    bad = sorted({(int(p.shape[1]), int(p.shape[2])) for p in pixels} - supported)
+    if bad:
+        raise ServerError(
+            ErrorCode.INVALID_PARAMETERS,
+            f"input size {bad[0][0]}x{bad[0][1]} (after the bundle's resize policy) is not one the "
+            f"{model.backend.kind} model was built for ({sorted(supported)}); send images that map "
+            "to those sizes, or serve this bundle with --backend torch",
+        )
+
+
 async def run_inference(
     request: Request,
     *,
@@ -177,8 +224,10 @@ async def run_inference(
     query: OptionsT,
     plan: InferencePlan,
 ) -> Response:
-    """`plan(model, options, pixels, original sizes, dtype)` checks route-specific limits and returns
-    the `Plan`: finish function, response metadata, size of the answer."""
+    """What every inference route does, in order: admit, read and parse the body, check the image
+    count, decode (off the loop), check the sizes against the backend, plan, queue, wait, encode,
+    answer with timing headers. `plan(model, options, pixels, original sizes, dtype)` checks the
+    route's own limits and returns the `Plan`: finish function, response metadata, answer size."""
     state = server_state(request)
     ctx = request.scope.setdefault("state", {})
     settings = state.settings
@@ -202,31 +251,8 @@ async def run_inference(
         opts = merge_options(options_cls, query, payload.options)
         model = state.model(opts.model)
         n = len(payload.images)
-        if n == 0:
-            as_json = request.headers.get("content-type", "").lower().startswith("application/json")
-            what = {
-                ("images", False): "image parts (field 'image')",
-                ("images", True): 'base64 images in "images"',
-                ("pairs", False): "pairs (fields 'source' and 'target')",
-                ("pairs", True): 'pairs in "pairs": [{"source": b64, "target": b64}]',
-            }[(kind, as_json)]
-            raise ServerError(ErrorCode.INVALID_PARAMETERS, f"no images: send one or more {what}")
-        if n > settings.max_images_per_request:
-            raise ServerError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"{n} images in one request; the limit is {settings.max_images_per_request}",
-            )
-        if n > settings.max_queue:  # could never be queued: a retryable 429 would loop forever
-            raise ServerError(
-                ErrorCode.PAYLOAD_TOO_LARGE,
-                f"{n} images in one request; the queue holds at most {settings.max_queue} "
-                "(max_queue): split the request",
-            )
-        labels = (
-            [f"image {i}" for i in range(n)]
-            if kind == "images"
-            else [f"pair {i // 2} {'source' if i % 2 == 0 else 'target'}" for i in range(n)]
-        )
+        _check_count(request, kind, n, settings)
+        labels = _item_labels(kind, n)
         scheduler.reserve(n)  # 429 now, before decoding, when the queue cannot take n more images
         t_decode = time.monotonic()
         try:
@@ -235,16 +261,7 @@ async def run_inference(
             scheduler.release(n)  # submit (below, no await in between) queues them or refuses
         decode_s = time.monotonic() - t_decode
         del payload
-        supported = model.backend.sizes
-        if supported is not None:
-            bad = sorted({(int(p.shape[1]), int(p.shape[2])) for p in pixels} - supported)
-            if bad:
-                raise ServerError(
-                    ErrorCode.INVALID_PARAMETERS,
-                    f"input size {bad[0][0]}x{bad[0][1]} (after the bundle's resize policy) is not one the "
-                    f"{model.backend.kind} model was built for ({sorted(supported)}); send images that map "
-                    "to those sizes, or serve this bundle with --backend torch",
-                )
+        _check_sizes(model, pixels)
         binary = wants_binary(request)
         dtype = opts.dtype or ("float16" if binary else "float32")
         finish, metadata, values = plan(model, opts, pixels, originals, dtype)
