@@ -188,8 +188,6 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.environment = environment("torch", "numpy", "pillow")  # recorded by logs, checkpoints, bundle
 
-        # Model: from scratch or from any checkpoint load_model accepts (on resume: the run's own).
-        self.prototypes_from_init = False
         resume_ckpt = read_checkpoint(last) if resume else None
         if resume_ckpt is not None and isinstance(resume_ckpt.get("config"), dict):
             changed = resume_changes(resume_ckpt["config"], config)
@@ -199,6 +197,51 @@ class Trainer:
                     f"differ from it: {'; '.join(changed)}. Drop those overrides, or start a new run "
                     f"(another --out). Settings a resume may change: {', '.join(RESUMABLE_KEYS)}"
                 )
+        # Model (from scratch, any checkpoint, or the run's own on resume) and data.
+        backbone = self._build_backbone(resume_ckpt)
+        self._build_data(backbone.config.patch_size, resume_ckpt)
+
+        # Networks, method, optimiser.
+        student = build_network(backbone, config).to(device)
+        teacher = make_teacher(student)
+        self.student: CoTAPNetwork = student
+        self.teacher: CoTAPNetwork = teacher
+        self.method = CoTAPMethod(config, student, teacher, self.env, self.prototypes_from_init)
+        if self.env.distributed:
+            self.method.student = DistributedDataParallel(
+                student,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=self._find_unused(),
+            )
+        self.groups = param_groups(
+            student.backbone, student.heads(), config.optim.lr, config.optim.head_lr_mult
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps, weight_decay=0.0
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.lr_schedule = LrSchedule(
+            config.max_steps, config.optim.min_lr, config.optim.warmup_steps, config.optim.warmup_start_lr
+        )
+        self.step = 0
+        self.epoch = 0
+        self.position = 0
+        self.train_time_s = 0.0  # wall clock spent in steps, summed over every start and resume
+        if resume_ckpt is not None:
+            self._load(resume_ckpt, last)
+        if self.env.is_main:
+            self._record_start(resumed=resume)
+        self.log = (
+            MetricsLog(self.run_dir / "metrics.csv", LOSS_NAMES, resume_step=self.step if resume else None)
+            if self.env.is_main
+            else None
+        )
+
+    def _build_backbone(self, resume_ckpt: dict[str, Any] | None) -> CoTAPViT:
+        """The backbone to train: the run's own on resume, else from scratch or from any checkpoint
+        `load_model` accepts; sets `arch`, `init_note` and `prototypes_from_init`."""
+        config = self.config
+        self.prototypes_from_init = False
         if resume_ckpt is not None:
             backbone: CoTAPViT = CoTAPViT(ViTConfig.from_dict(resume_ckpt["model_config"]))
             self.arch = str(resume_ckpt["arch"])
@@ -219,14 +262,18 @@ class Trainer:
             self.arch = loaded.arch
             self.prototypes_from_init = loaded.prototypes_initialized
             self.init_note = f"{config.model.init} ({loaded.layout}, sha256 {loaded.source_sha256[:12]})"
-        backbone.train()
+        return backbone.train()
 
-        # Data.
+    def _build_data(self, patch_size: int, resume_ckpt: dict[str, Any] | None) -> None:
+        """The paired views and this rank's data order, checked now (crop sizes, an unreadable
+        folder, a neighbour file for other images or another run) rather than steps later; sets
+        `views`, `knn_sha256`, `data` and `order`."""
+        config = self.config
         try:
             self.views = ViewConfig(**config.data.views)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config key data.views: {e}") from e
-        p = backbone.config.patch_size
+        p = patch_size
         if self.views.global_size % p or self.views.local_size % p:
             raise TrainError(
                 f"crop sizes {self.views.global_size}/{self.views.local_size} must be multiples of the patch size {p}"
@@ -264,54 +311,23 @@ class Trainer:
         except ValueError as e:
             raise TrainError(f"data: {e}; lower data.batch_size or use more images") from e
 
-        # Networks, method, optimiser.
-        student = build_network(backbone, config).to(device)
-        teacher = make_teacher(student)
-        self.student: CoTAPNetwork = student
-        self.teacher: CoTAPNetwork = teacher
-        self.method = CoTAPMethod(config, student, teacher, self.env, self.prototypes_from_init)
-        if self.env.distributed:
-            self.method.student = DistributedDataParallel(
-                student,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=self._find_unused(),
-            )
-        self.groups = param_groups(
-            student.backbone, student.heads(), config.optim.lr, config.optim.head_lr_mult
-        )
-        self.optimizer = torch.optim.AdamW(
-            self.groups, lr=config.optim.lr, betas=config.optim.betas, eps=config.optim.eps, weight_decay=0.0
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.lr_schedule = LrSchedule(
-            config.max_steps, config.optim.min_lr, config.optim.warmup_steps, config.optim.warmup_start_lr
-        )
-        self.step = 0
-        self.epoch = 0
-        self.position = 0
-        self.train_time_s = 0.0  # wall clock spent in steps, summed over every start and resume
-        if resume_ckpt is not None:
-            self._load(resume_ckpt, last)
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(config))
-            invocation = {
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "argv": sys.argv,
-                "resumed_at_step": self.step if resume else None,
-                "world_size": self.env.world_size,
-                "device": str(device),
-                "cuda": torch.version.cuda,
-                **self.environment,
-            }
-            with (self.run_dir / INVOCATIONS).open("a") as f:  # one line per start or resume
-                f.write(json.dumps(invocation) + "\n")
-        self.log = (
-            MetricsLog(self.run_dir / "metrics.csv", LOSS_NAMES, resume_step=self.step if resume else None)
-            if self.env.is_main
-            else None
-        )
+    def _record_start(self, resumed: bool) -> None:
+        """The run directory, its resolved `config.yaml`, and one line in `invocations.jsonl` per
+        start or resume (command line, host, device, versions)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        invocation = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": sys.argv,
+            "resumed_at_step": self.step if resumed else None,
+            "world_size": self.env.world_size,
+            "device": str(self.device),
+            "cuda": torch.version.cuda,
+            **self.environment,
+        }
+        with (self.run_dir / INVOCATIONS).open("a") as f:
+            f.write(json.dumps(invocation) + "\n")
 
     def _find_unused(self) -> bool:
         choice = self.config.find_unused_parameters
