@@ -139,9 +139,9 @@ class BundleConfig:
         problems = [
             f"outputs.{name}.dim must be a positive integer"
             for name in (PATCH, CLS, ASSIGN)
-            if not _positive_int(config.outputs.get(name, {}).get("dim"))
+            if not _int_at_least(config.outputs.get(name, {}).get("dim"), 1)
         ]
-        if not _positive_int(config.model.get("patch_size")):
+        if not _int_at_least(config.model.get("patch_size"), 1):
             problems.append("model.patch_size must be a positive integer")
         if not config.input_sizes or any(h < 1 or w < 1 for h, w in config.input_sizes):
             problems.append(f"input_sizes must list positive sizes, got {list(config.input_sizes)}")
@@ -208,15 +208,15 @@ def _listing(root: Path) -> dict[str, Path]:
     return out
 
 
-def _positive_int(value: Any) -> bool:
-    return type(value) is int and value > 0
+def _int_at_least(value: Any, low: int) -> bool:
+    return type(value) is int and value >= low  # not bool, not a float or a string of digits
 
 
 def _check_entry(name: str, entry: Any) -> None:
     """A manifest entry is {"size": bytes, "sha256": 64 hex digits}; anything else is refused."""
     ok = (
         isinstance(entry, dict)
-        and (_positive_int(entry.get("size")) or entry.get("size") == 0)
+        and _int_at_least(entry.get("size"), 0)
         and isinstance(entry.get("sha256"), str)
         and len(entry["sha256"]) == 64
         and all(c in "0123456789abcdef" for c in entry["sha256"])

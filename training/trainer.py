@@ -273,10 +273,10 @@ class Trainer:
             self.views = ViewConfig(**config.data.views)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config key data.views: {e}") from e
-        p = patch_size
-        if self.views.global_size % p or self.views.local_size % p:
+        if self.views.global_size % patch_size or self.views.local_size % patch_size:
             raise TrainError(
-                f"crop sizes {self.views.global_size}/{self.views.local_size} must be multiples of the patch size {p}"
+                f"crop sizes {self.views.global_size}/{self.views.local_size} must be multiples of the "
+                f"patch size {patch_size}"
             )
         try:
             dataset = open_dataset(config.data.train)

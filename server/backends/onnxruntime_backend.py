@@ -98,16 +98,18 @@ def choose_providers(ort: Any, device: str) -> tuple[list[Any], bool]:
     for p in gpu:
         opts: dict[str, Any] = {"device_id": index}
         if p == _TRT_EP:
-            cache = trt_engine_cache_dir()
-            opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+            opts["trt_engine_cache_enable"] = True  # the cache path is the model's: with_tensorrt_profile
         providers.append((p, opts))
     return [*providers, "CPUExecutionProvider"], True
 
 
-def trt_engine_cache_dir() -> Path:
-    """The TensorRT EP's engine cache directory, created (with its parents) here: ONNX Runtime
-    creates only the last component, and fails when `~/.cache/cotap` does not exist yet."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cotap" / "ort-trt"
+def trt_engine_cache_dir(model_sha256: str) -> Path:
+    """The TensorRT EP's engine cache for one ONNX file, created (with its parents) here: ONNX
+    Runtime creates only the last component, and fails when `~/.cache/cotap` does not exist yet.
+    One folder per model file because the EP names cached engines after the graph's file, input and
+    node names, not its weights: two bundles of one architecture would load each other's engines."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cotap" / "ort-trt"
+    cache = root / (model_sha256[:16] or "unhashed")
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -142,19 +144,13 @@ def tensorrt_profile_options(record: OnnxArtifact) -> dict[str, str]:
 
 
 def with_tensorrt_profile(providers: list[Any], record: OnnxArtifact) -> list[Any]:
-    """`providers` with the TensorRT EP's options extended by `tensorrt_profile_options(record)`,
-    and its engine cache in a folder of this model's own (the ONNX file's sha256): the EP names
-    cached engines after the graph's file, input and node names, not its weights, so two bundles of
-    one architecture would otherwise load each other's engines."""
+    """`providers` with the TensorRT EP's options for `record`: its optimisation profile
+    (`tensorrt_profile_options`) and its own engine cache (`trt_engine_cache_dir`)."""
     out: list[Any] = []
     for p in providers:
         if isinstance(p, tuple) and p[0] == _TRT_EP:
-            opts = {**p[1], **tensorrt_profile_options(record)}
-            if "trt_engine_cache_path" in opts:
-                own = Path(opts["trt_engine_cache_path"]) / (record.sha256[:16] or "unhashed")
-                own.mkdir(parents=True, exist_ok=True)
-                opts["trt_engine_cache_path"] = str(own)
-            p = (p[0], opts)
+            cache = str(trt_engine_cache_dir(record.sha256))
+            p = (p[0], {**p[1], **tensorrt_profile_options(record), "trt_engine_cache_path": cache})
         out.append(p)
     return out
 

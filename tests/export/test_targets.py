@@ -58,10 +58,14 @@ def test_defaults_and_batch_mapping(tmp_path: Path) -> None:
     ],
 )
 def test_bad_targets_are_refused(tmp_path: Path, extra: str, message: str) -> None:
-    p = tmp_path / "t.yaml"
-    p.write_text(BASE + extra)
+    assert_refused(tmp_path / "t.yaml", BASE + extra, message)
+
+
+def assert_refused(path: Path, text: str, message: str) -> None:
+    """`text` as a targets file is refused with `message`, naming the target."""
+    path.write_text(text)
     with pytest.raises(TargetError, match=message) as err:
-        load_targets(p)
+        load_targets(path)
     assert "'x'" in str(err.value)
 
 
@@ -86,10 +90,7 @@ targets:
 )
 def test_bad_jetson_targets_are_refused(tmp_path: Path, extra: str, message: str) -> None:
     p = tmp_path / "t.yaml"
-    p.write_text(JETSON + extra)
-    with pytest.raises(TargetError, match=message) as err:
-        load_targets(p)
-    assert "'x'" in str(err.value)
+    assert_refused(p, JETSON + extra, message)
     p.write_text(JETSON + "    dla_core: 1\n    batch: {min: 4, opt: 4, max: 4}\n")
     assert load_targets(p)["x"].max_batch == 4
 
