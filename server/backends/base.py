@@ -154,7 +154,7 @@ class NumpyOps(PostOps):
 def _topk_indices(x: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values along the last axis, largest first; equal values go to the
     lowest index, as with argmax, torch's stable sort and ONNX TopK (flat images tie everywhere).
-    A partition, not a full sort: 8 against 87 ms for a 1024 × 1024 similarity here."""
+    A partition, not a full sort: 12 against 64 ms for a 1024 × 1024 similarity here (best of 7)."""
     k = min(k, x.shape[-1])
     if k < 1:
         return np.zeros((*x.shape[:-1], 0), np.int64)
