@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cotap.core.artifacts import INPUT_NAME
+from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES
 
 HARDWARE_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 
@@ -164,6 +164,35 @@ def deserialize_plan(trt: Any, plan: bytes, version_compatible: bool) -> Any | N
     if version_compatible:
         runtime.engine_host_code_allowed = True
     return runtime.deserialize_cuda_engine(plan)
+
+
+def check_engine_io(trt: Any, engine: Any) -> None:
+    """Raise `RuntimeError` unless the engine's I/O tensors are the bundle contract: one input
+    `images` and the outputs `OUTPUT_NAMES`, all float32. The runners allocate float32 torch
+    buffers for them, so an engine with fp16 I/O (a plan built with `trtexec --inputIOFormats` or
+    `--outputIOFormats`, say) would otherwise read or write half-filled buffers without an error."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    problems = []
+    if inputs != [INPUT_NAME] or sorted(outputs) != sorted(OUTPUT_NAMES):
+        problems.append(
+            f"it has inputs {inputs} and outputs {outputs}, the bundle contract is input "
+            f"{INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}"
+        )
+    wrong = {n: str(engine.get_tensor_dtype(n)) for n in names if engine.get_tensor_dtype(n) != trt.float32}
+    if wrong:
+        problems.append(f"I/O tensors must be float32, these are not: {wrong}")
+    if problems:
+        raise RuntimeError("the TensorRT engine does not fit the bundle contract: " + "; ".join(problems))
+
+
+def set_tensor_addresses(context: Any, addresses: Mapping[str, int]) -> None:
+    """`context.set_tensor_address` for each tensor, raising when TensorRT refuses one (it
+    returns False for an unknown name or a misaligned address, and would then run on stale ones)."""
+    for name, address in addresses.items():
+        if not context.set_tensor_address(name, int(address)):
+            raise RuntimeError(f"TensorRT refused the device address of tensor {name!r}")
 
 
 def set_engine_input_shape(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shlex
 import shutil
 import traceback
 from collections.abc import Sequence
@@ -154,10 +155,18 @@ def build_script(target: Target, sizes: Sequence[tuple[int, int]], fp32_layers: 
         '  TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
     ]
     if entropy:
-        lines.append(
-            "  # int8 entropy calibration: calibration.cache comes from a `cotap export tensorrt` run; "
-            "trtexec only reads it."
-        )
+        # trtexec's --calib only reads a cache: when the file is missing it calibrates on random
+        # inputs, and the engine builds without an error but with meaningless int8 scales.
+        cached = shlex.quote(f"../bundle/engines/{target.name}/calibration.cache")
+        lines += [
+            "  # int8 entropy calibration: calibration.cache comes from a `cotap export tensorrt` run "
+            f"({cached}); trtexec only reads it.",
+            "  if [ ! -s calibration.cache ]; then",
+            "    echo 'calibration.cache is missing here, and trtexec would calibrate int8 on random inputs: "
+            f"run this script in cotap mode first, then copy' {cached} 'here.' >&2",
+            "    exit 1",
+            "  fi",
+        ]
     cmd = shell_join(trtexec).replace("trtexec", '"$TRTEXEC"', 1)
     lines += ["  " + cmd.replace("\n", "\n  "), "  exit 0", "fi", ""]
     lines += [

@@ -45,12 +45,14 @@ from cotap.core.artifacts import (
 from cotap.core.bundle import add_files, read_bundle, sha256_file
 from cotap.core.engine_compat import (
     DeviceFacts,
+    check_engine_io,
     deserialize_plan,
     pad_batch,
     parse_compute_capability,
     parse_version,
     profile_for,
     set_engine_input_shape,
+    set_tensor_addresses,
 )
 from cotap.core.version import install_hint
 from cotap.export.fixtures import check_sizes, fixture_images, folder_images, preprocess_batch
@@ -486,10 +488,7 @@ class EngineRunner:
         self.sizes = [(int(h), int(w)) for h, w in sizes]  # profile i serves sizes[i]
         self.batch = batch
         self.stream = torch.cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(outputs) != sorted(OUTPUT_NAMES):
-            raise RuntimeError(f"engine outputs {outputs} are not {list(OUTPUT_NAMES)}")
+        check_engine_io(trt, self.engine)  # names, and float32 like the buffers allocated below
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -498,14 +497,16 @@ class EngineRunner:
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
         self.stream.wait_stream(torch.cuda.current_stream())  # the input copy is done first
         with torch.cuda.stream(self.stream):
-            self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            if not self.context.set_optimization_profile_async(profile, self.stream.cuda_stream):
+                raise RuntimeError(f"TensorRT could not select optimisation profile {profile}")
             set_engine_input_shape(self.context, tuple(x.shape), profile, self.batch)
-            self.context.set_tensor_address(INPUT_NAME, int(x.data_ptr()))
             outs = {}
             for name in OUTPUT_NAMES:
                 shape = tuple(self.context.get_tensor_shape(name))
                 outs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-                self.context.set_tensor_address(name, int(outs[name].data_ptr()))
+            set_tensor_addresses(
+                self.context, {INPUT_NAME: x.data_ptr(), **{k: v.data_ptr() for k, v in outs.items()}}
+            )
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
         self.stream.synchronize()

@@ -23,11 +23,13 @@ from cotap.core.artifacts import INPUT_NAME, OUTPUT_NAMES, EngineArtifact, engin
 from cotap.core.bundle import Bundle
 from cotap.core.engine_compat import (
     DeviceFacts,
+    check_engine_io,
     deserialize_plan,
     engine_compatibility,
     pad_batch,
     profile_for,
     set_engine_input_shape,
+    set_tensor_addresses,
 )
 from cotap.server.backends.base import Backend, BackendError, BackendOptions, cuda_index
 
@@ -172,6 +174,13 @@ class TensorRTBackend(Backend):
                     f"TensorRT could not deserialise {record.file}; rebuild it on this machine with "
                     f"`cotap export tensorrt --bundle {bundle.path} --target {record.target}`"
                 )
+            try:
+                check_engine_io(trt, engine)
+            except RuntimeError as e:
+                raise BackendError(
+                    f"{record.file}: {e}; rebuild it with `cotap export tensorrt --bundle {bundle.path} "
+                    f"--target {record.target}`"
+                ) from None
             self._engine = engine
             self._context = engine.create_execution_context()
             self._stream = torch.cuda.Stream(self._dev)  # the engine's own stream, not the default one
@@ -189,11 +198,12 @@ class TensorRTBackend(Backend):
             outs = {}
             ctx, stream = self._context, self._stream
             self._profiles.bind(tuple(x.shape), stream.cuda_stream)
-            ctx.set_tensor_address(INPUT_NAME, x.data_ptr())
             for name in OUTPUT_NAMES:  # allocated on the caller's stream, which consumes them
-                t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=torch.float32, device=self._dev)
-                ctx.set_tensor_address(name, t.data_ptr())
-                outs[name] = t
+                shape = tuple(ctx.get_tensor_shape(name))
+                outs[name] = torch.empty(shape, dtype=torch.float32, device=self._dev)
+            set_tensor_addresses(
+                ctx, {INPUT_NAME: x.data_ptr(), **{k: v.data_ptr() for k, v in outs.items()}}
+            )
             stream.wait_stream(caller)  # the input copy and the output allocations come first
             if not ctx.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")

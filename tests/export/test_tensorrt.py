@@ -5,6 +5,8 @@ recorded on a fake `tensorrt` module) and, marked `trt`, a real build on a GPU w
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import types
 import warnings
@@ -21,9 +23,12 @@ from cotap.core.bundle import Bundle, read_bundle
 from cotap.core.engine_compat import (
     DeviceFacts,
     check_engine_compatible,
+    check_engine_io,
     deserialize_plan,
     set_engine_input_shape,
+    set_tensor_addresses,
 )
+from cotap.export.batch import build_script
 from cotap.export.onnx import export_onnx
 from cotap.export.targets import Target
 from cotap.export.tensorrt import (
@@ -275,7 +280,9 @@ def fake_tensorrt(
         "LayerType": _Flags("NORMALIZATION", "SOFTMAX"),
         "DeviceType": _Flags("GPU", "DLA"),
         "HardwareCompatibilityLevel": _Flags(*levels),
+        "TensorIOMode": _Flags("INPUT", "OUTPUT"),
         "float32": "float32",
+        "float16": "float16",
     }.items():
         setattr(trt, name, value)
     return trt
@@ -390,3 +397,78 @@ def test_a_refused_input_shape_is_an_error() -> None:
         RuntimeError, match=r"refused input shape \(5, 3, 32, 32\) for optimisation profile 1"
     ):
         set_engine_input_shape(Context(), (5, 3, 32, 32), 1, (1, 4))
+
+
+class FakeEngine:
+    """The I/O tensor queries of an ICudaEngine: {name: (mode, dtype)}."""
+
+    def __init__(self, io: dict[str, tuple[str, str]]) -> None:
+        self.io = io
+        self.num_io_tensors = len(io)
+
+    def get_tensor_name(self, i: int) -> str:
+        return list(self.io)[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name: str) -> str:
+        return self.io[name][1]
+
+
+def test_engine_io_must_be_the_float32_contract() -> None:
+    trt = fake_tensorrt()
+    io = {"images": ("INPUT", "float32"), **{n: ("OUTPUT", "float32") for n in ("patch", "cls", "assign")}}
+    check_engine_io(trt, FakeEngine(io))
+    # fp16 I/O (trtexec --outputIOFormats=fp16:chw) would be read through float32 buffers
+    with pytest.raises(RuntimeError, match=r"must be float32, these are not: \{'patch': 'float16'\}"):
+        check_engine_io(trt, FakeEngine({**io, "patch": ("OUTPUT", "float16")}))
+    missing = {k: v for k, v in io.items() if k != "assign"}
+    with pytest.raises(RuntimeError, match=r"outputs \['patch', 'cls'\], the bundle contract"):
+        check_engine_io(trt, FakeEngine(missing))
+
+
+def test_a_refused_tensor_address_is_an_error() -> None:
+    class Context:
+        def __init__(self) -> None:
+            self.addresses: dict[str, int] = {}
+
+        def set_tensor_address(self, name: str, address: int) -> bool:
+            if name not in ("images", "patch"):
+                return False
+            self.addresses[name] = address
+            return True
+
+    ctx = Context()
+    set_tensor_addresses(ctx, {"images": 256, "patch": 512})
+    assert ctx.addresses == {"images": 256, "patch": 512}
+    with pytest.raises(RuntimeError, match="refused the device address of tensor 'cls'"):
+        set_tensor_addresses(ctx, {"images": 256, "cls": 1024})
+
+
+def _run_build_sh(t: Target, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The target's build.sh in trtexec mode, with a stand-in trtexec that records its call."""
+    script = tmp_path / "build.sh"
+    script.write_text(build_script(t, [(32, 32)], ["/blocks.0/norm1/LayerNormalization"]))
+    fake = tmp_path / "fake-trtexec"
+    fake.write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/trtexec-called"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "TRTEXEC": str(fake)}
+    return subprocess.run(["bash", str(script), "trtexec"], env=env, capture_output=True, text=True)
+
+
+def test_trtexec_never_calibrates_int8_on_random_data(tmp_path: Path) -> None:
+    """trtexec --calib only reads a cache; without the file it calibrates on random inputs."""
+    entropy = target(precision="int8", int8_mode="entropy")
+    done = _run_build_sh(entropy, tmp_path)
+    assert done.returncode == 1 and "trtexec would calibrate int8 on random inputs" in done.stderr
+    assert "../bundle/engines/t/calibration.cache" in done.stderr
+    assert not (tmp_path / "trtexec-called").exists()
+    (tmp_path / "calibration.cache").write_bytes(b"TRT-100800-EntropyCalibration2\n")
+    done = _run_build_sh(entropy, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--calib=calibration.cache" in (tmp_path / "trtexec-called").read_text()
+    (tmp_path / "calibration.cache").unlink()
+    (tmp_path / "trtexec-called").unlink()
+    assert _run_build_sh(target(precision="fp16"), tmp_path).returncode == 0  # no cache needed
+    assert (tmp_path / "trtexec-called").exists()
