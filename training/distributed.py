@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,16 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(x, src=src)
     return x
+
+
+def gather_to_main(obj: T) -> list[T] | None:
+    """Every rank's picklable `obj` on rank 0, in rank order (None on the other ranks); `[obj]` in a
+    single process. For per-rank state (the memory bank, the queues) that a checkpoint must keep."""
+    if not is_distributed():
+        return [obj]
+    out: list[T] | None = [obj] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier() -> None:

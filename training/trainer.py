@@ -61,6 +61,7 @@ from cotap.training.distributed import (
     DistEnv,
     ShardedOrder,
     barrier,
+    gather_to_main,
     init_distributed,
     mean_over_ranks,
     shutdown_distributed,
@@ -348,7 +349,9 @@ class Trainer:
         return lambda: torch.autocast(device_type, dtype=dtype)
 
     # -- state ---------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, methods: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything an exact resume needs; `methods` holds every rank's method state (the memory
+        bank and the queues are per rank), this rank's alone by default."""
         cfg = self.config
         return {
             "format": TRAIN_FORMAT,
@@ -376,7 +379,7 @@ class Trainer:
                 ),
                 "momentum": momentum_at(self.step, cfg.max_steps, cfg.optim.ema_start, cfg.optim.ema_end),
             },
-            "method": self.method.state_dict(),
+            "method": methods or [self.method.state_dict()],
             "data": {"epoch": self.epoch, "position": self.position, "dataset_len": len(self.data)},
             "world_size": self.env.world_size,
             "rng": rng_state(),
@@ -398,7 +401,8 @@ class Trainer:
         self.teacher.heads().load_state_dict(ckpt["heads"]["teacher"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.method.load_state_dict(ckpt["method"])
+        method = ckpt["method"]  # one state per rank; older checkpoints hold rank 0's alone
+        self.method.load_state_dict(method[self.env.rank] if isinstance(method, list) else method)
         self.step = int(ckpt["step"])
         self.train_time_s = float(ckpt.get("train_time_s", 0.0))  # 0 for older checkpoints
         self.epoch = int(ckpt["data"]["epoch"])
@@ -408,8 +412,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write `step_NNNNNNN.pt` and `last.pt` (main rank), prune old step files; all ranks wait."""
         path = self.ckpt_dir / f"step_{self.step:07d}.pt"
+        methods = gather_to_main(self.method.state_dict())  # the ranks' banks and queues differ
         if self.env.is_main:
-            _atomic_save(self.state_dict(), path)
+            _atomic_save(self.state_dict(methods), path)
             with atomic_path(self.ckpt_dir / LAST) as tmp:
                 shutil.copyfile(path, tmp)
             keep = self.config.keep_checkpoints

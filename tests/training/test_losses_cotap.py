@@ -121,12 +121,13 @@ def test_derangement_has_no_fixed_points() -> None:
         derangement(1)
 
 
-def reference_patch_intra(student, teacher, masks, pool_sizes, topk, perms, tau, theta, alpha):
-    """Independent construction: per image pick cells, then build the list item by item."""
+def reference_patch_intra(student, teacher, masks, pool_sizes, topk, perms_by_size, tau, theta, alpha):
+    """Independent construction: per image pick cells, then build the list item by item; the
+    negatives of pooling size pool_sizes[j] are the derangements perms_by_size[j]."""
     i, c = student.shape[:2]
     b = i // 2
     losses = []
-    for ks in pool_sizes:
+    for ks, perms in zip(pool_sizes, perms_by_size, strict=True):
         cells_s, cells_t = [], []
         for img in range(i):
             cs, ct, cm = [], [], []
@@ -160,7 +161,7 @@ def reference_patch_intra(student, teacher, masks, pool_sizes, topk, perms, tau,
 
 def test_patch_intra_matches_independent_construction() -> None:
     g = torch.Generator().manual_seed(5)
-    b, c, k, h, w = 3, 2, 6, 4, 4
+    b, c, k, h, w = 4, 2, 6, 4, 4  # 9 derangements of 4: the two pooling sizes' draws differ
     student = torch.randn(2 * b, c, k, h, w, generator=g, dtype=torch.float64)
     teacher = torch.randn(2 * b, c, k, h, w, generator=g, dtype=torch.float64)
     # Distinct mask values per cell so that top-k is unambiguous.
@@ -168,9 +169,10 @@ def test_patch_intra_matches_independent_construction() -> None:
     gen = torch.Generator().manual_seed(11)
     got = patch_intra_loss(student, teacher, masks, pool_sizes=(2, 4), topk=3, num_negatives=2, generator=gen)
     gen = torch.Generator().manual_seed(11)
-    perms = [derangement(b, gen) for _ in range(2)]
+    perms_by_size = [[derangement(b, gen) for _ in range(2)] for _ in (2, 4)]  # drawn per size, in order
+    assert not all(torch.equal(p, q) for p, q in zip(*perms_by_size, strict=True))
     want = reference_patch_intra(
-        student.float(), teacher.float(), masks.float(), (2, 4), 3, perms, 0.5, -0.2, 0.1
+        student.float(), teacher.float(), masks.float(), (2, 4), 3, perms_by_size, 0.5, -0.2, 0.1
     )
     assert torch.allclose(got, want.float(), rtol=1e-4, atol=1e-5), (float(got), float(want))
 

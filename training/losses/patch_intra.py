@@ -106,7 +106,7 @@ def patch_intra_loss(
         topk: foreground cells kept per image over its C crops.
         num_negatives: derangement blocks (skipped when B = 1: no other anchor exists).
         mode: "cotap" (the continuous AP loss) or "l1" (mean |s − t|, STEGO-like distillation).
-        generator: drives the derangements.
+        generator: drives the derangements (drawn anew for each pooling size).
 
     Returns:
         A scalar loss.
@@ -128,13 +128,16 @@ def patch_intra_loss(
     teacher = teacher.detach().float()
     student = student.float()
     mask_maps = masks.detach().float().unsqueeze(2)  # (2B, C, 1, h, w)
-    perms = [derangement(b, generator).to(student.device) for _ in range(num_negatives if b > 1 else 0)]
     losses = []
     for ks in pool_sizes:
+        # New negatives for each pooling size, as in the method (§3.2) and the released code.
+        perms = [derangement(b, generator).to(student.device) for _ in range(num_negatives if b > 1 else 0)]
         s_cells = _pooled_cells(student, ks)  # (2B, C·ks², K)
         t_cells = _pooled_cells(teacher, ks)
         m_cells = _pooled_cells(mask_maps, ks)[..., 0]  # (2B, C·ks²)
         k = min(topk, m_cells.shape[1])
+        # Masks are near binary, so fully-foreground cells tie and top-k takes them in index order
+        # (crop 0's first cells at the finer size), as the release does; CUDA may order ties otherwise.
         idx = m_cells.topk(k, dim=1).indices  # (2B, k)
         gather = idx.unsqueeze(-1).expand(-1, -1, s_cells.shape[-1])
         s_sel = F.normalize(torch.gather(s_cells, 1, gather), dim=-1, eps=1e-5)  # (2B, k, K)
