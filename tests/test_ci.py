@@ -34,3 +34,27 @@ def test_mypy_follows_the_cotap_imports() -> None:
         link = ROOT / "typings" / Path(*name.split("."))
         assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), name
     assert "\nmypy  #" in (ROOT / ".ci" / "run").read_text()  # no file arguments: the config's packages
+
+
+def test_the_wheel_ships_its_type_hints_and_the_default_model(tmp_path: Path) -> None:
+    """PEP 561: without `py.typed` in each subpackage of the `cotap` namespace, a user's mypy or IDE
+    sees every `cotap.client` name as `Any` (the repo's own mypy goes through typings/ instead)."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+    import zipfile
+
+    # A copy of the sources: setuptools would reuse files left in the checkout's build/ folder.
+    skip = shutil.ignore_patterns(".*", "build", "runs", "dist", "*.egg-info", "__pycache__", "typings")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=skip)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", str(source), "--no-deps", "--no-build-isolation"]
+    subprocess.run([*cmd, "-w", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("cotap-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package in packages:
+        assert f"{package.replace('.', '/')}/py.typed" in names, package
+    assert "cotap/server/default_model/config.json" in names
+    assert "cotap/server/default_model/onnx/model-fp32.onnx" in names
