@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import textwrap
@@ -25,6 +26,10 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=min(100, shutil.get_terminal_size((100, 24)).columns - 2))
 
 
+REQUEST_TIMEOUT_S = 120.0  # a large folder request on a busy CPU server can take a while
+PROBE_TIMEOUT_S = 5.0  # `cotap health` is a probe: a server that does not answer is not ready
+
+
 def _connection_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("server")
@@ -35,7 +40,12 @@ def _connection_options() -> argparse.ArgumentParser:
     )
     g.add_argument("--api-key", default=None, help="API key (default: $COTAP_API_KEY)")
     g.add_argument("--model", default=None, help="served model name (default: the server's default)")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    g.add_argument(
+        "--timeout",
+        type=number_in(0, math.inf, open_ends=True),
+        default=None,
+        help=f"seconds per request (default {REQUEST_TIMEOUT_S:.0f}; health: {PROBE_TIMEOUT_S:.0f})",
+    )
     return common
 
 
@@ -173,18 +183,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=formatter,
         help="is the server live and ready? (exit 0 when ready)",
         description=_wrap(
-            "Ask /health/live and /health/ready once. Exit status 0 when ready, 1 otherwise "
-            "(starting, draining, failed or unreachable): usable in scripts and probes."
+            "Ask /health/live and /health/ready once (or, with --wait, until ready). Exit status 0 "
+            "when ready, 1 otherwise (starting, draining, failed or unreachable): usable in scripts "
+            "and probes."
         ),
-        epilog="examples:\n  cotap health && cotap embed photos/ --out features/\n" + CONNECTION_EPILOG,
+        epilog="examples:\n  cotap health && cotap embed photos/ --out features/\n"
+        "  cotap serve & cotap health --wait 120 && cotap embed photos/ --out features/\n"
+        + CONNECTION_EPILOG,
+    )
+    p.add_argument(
+        "--wait",
+        type=number_in(0, 3600, open_ends=False),
+        default=0.0,
+        metavar="SECONDS",
+        help="ask again every 0.5 s until ready, for at most SECONDS (default 0: ask once)",
     )
     p.set_defaults(func=_health)
 
 
-def _client(args: argparse.Namespace, **kw: Any) -> Any:
+def _client(args: argparse.Namespace, default_timeout: float = REQUEST_TIMEOUT_S, **kw: Any) -> Any:
     from cotap.client import Client
 
-    return Client(args.url, api_key=args.api_key, model=args.model, timeout=args.timeout, **kw)
+    timeout = default_timeout if args.timeout is None else args.timeout
+    return Client(args.url, api_key=args.api_key, model=args.model, timeout=timeout, **kw)
 
 
 def _fail(e: Exception) -> CLIError:
@@ -192,7 +213,7 @@ def _fail(e: Exception) -> CLIError:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from cotap.client import CotapError
+    from cotap.client import CotapError, FolderInterrupted
 
     outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
     if not outputs or set(outputs) - {"patch", "cls"}:
@@ -213,6 +234,8 @@ def _embed(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
+        except FolderInterrupted as e:  # Ctrl-C: what finished is kept; say what was done
+            report = e.report
         except (CotapError, ValueError, OSError) as e:
             raise _fail(e) from e
     print(report.summary(), file=sys.stderr)
@@ -405,8 +428,14 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        h = client.health()
+    from cotap.client import CotapError
+
+    with _client(args, default_timeout=PROBE_TIMEOUT_S) as client:
+        try:
+            h = client.wait_until_ready(args.wait) if args.wait > 0 else client.health()
+        except CotapError as e:  # not ready in time: the last state it saw
+            print(e.message)
+            return 1
     detail = f" ({h.error})" if h.error else ""
     models = f" models: {', '.join(h.models)}" if h.models else ""
     print(f"{client.url}: {'live' if h.live else 'not live'}, {h.status}{detail}{models}")

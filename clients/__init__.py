@@ -32,7 +32,7 @@ from cotap.client.errors import (
     Unreachable,
     UnsupportedMediaType,
 )
-from cotap.client.folder import Failure, FolderReport, embed_folder
+from cotap.client.folder import Failure, FolderInterrupted, FolderReport, embed_folder
 from cotap.client.info import Health, ModelInfo, ServerInfo, ServerLimits
 from cotap.client.results import (
     Batch,
@@ -43,6 +43,7 @@ from cotap.client.results import (
     Matches,
     Prototypes,
     PrototypesBatch,
+    patch_centers,
 )
 from cotap.client.retry import RetryPolicy
 from cotap.client.store import read_features
@@ -59,6 +60,7 @@ __all__ = [
     "EmbedBatch",
     "Embedding",
     "Failure",
+    "FolderInterrupted",
     "FolderReport",
     "Health",
     "ImageTooLarge",
@@ -82,5 +84,6 @@ __all__ = [
     "Unreachable",
     "UnsupportedMediaType",
     "embed_folder",
+    "patch_centers",
     "read_features",
 ]

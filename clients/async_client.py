@@ -9,6 +9,7 @@ thread so the event loop stays free; the chunks of a large call are sent `max_in
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any, overload
 
@@ -28,6 +29,7 @@ from cotap.client.base import (
     encode_all,
     health_from,
     images_of,
+    not_ready_error,
     pair_inputs,
     prototypes_plan,
 )
@@ -123,7 +125,20 @@ class AsyncClient(ClientCore):
                     raise self.not_a_server(e) from e
             return self._info
 
+    async def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> Health:
+        """As `Client.wait_until_ready`: poll `health()` until ready, or raise after `timeout` s."""
+        start = time.monotonic()
+        while True:
+            h = await self.health()
+            waited = time.monotonic() - start
+            if h.ready:
+                return h
+            if waited + interval > timeout:
+                raise not_ready_error(self.url, h, timeout)
+            await asyncio.sleep(interval)
+
     async def health(self) -> Health:
+        """As `Client.health`: both probes once each, no retries, no API key needed."""
         self._check_open()
         try:
             live = (await self._http.get(protocol.LIVE)).status_code == 200

@@ -24,6 +24,7 @@ from cotap.client.errors import (
     BadImage,
     CotapError,
     NotFound,
+    NotReady,
     PayloadTooLarge,
     Timeout,
     Unreachable,
@@ -67,6 +68,26 @@ def default_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[s
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     return headers | dict(extra or {})
+
+
+_TIMEOUT_PHASES = {
+    httpx.ConnectTimeout: "connect",
+    httpx.ReadTimeout: "read",
+    httpx.WriteTimeout: "write",
+    httpx.PoolTimeout: "pool",
+}
+
+
+def _timed_out(e: httpx.TimeoutException) -> str:
+    """ " to POST /v1/embed within 60 s": the request and the limit it ran into, where httpx knows them."""
+    try:
+        request = e.request
+    except RuntimeError:  # raised before a request existed
+        return ""
+    limits = request.extensions.get("timeout", {})
+    seconds = limits.get(_TIMEOUT_PHASES.get(type(e), "read"))
+    within = f" within {seconds:g} s" if isinstance(seconds, int | float) else ""
+    return f" to {request.method} {request.url.path}{within}"
 
 
 def make_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
@@ -131,7 +152,7 @@ class CallPlan:
 
     def bar(self) -> Any:
         """A progress bar over the items (disabled unless `progress`)."""
-        from tqdm import tqdm
+        from tqdm.auto import tqdm  # a widget in notebooks, text in terminals
 
         what = "pairs" if self.pairs else "img"
         return tqdm(
@@ -208,7 +229,9 @@ class Transport:
 
     def failure(self, e: httpx.TransportError, url: str) -> CotapError:
         if isinstance(e, httpx.TimeoutException):
-            return Timeout(f"no answer from {url} within the timeout ({type(e).__name__})")
+            return Timeout(
+                f"no answer from {url}{_timed_out(e)} ({type(e).__name__}); raise the client's timeout"
+            )
         return Unreachable(f"cannot reach {url}: {type(e).__name__}: {e}")
 
     def check(self, response: httpx.Response, item_offset: int = 0) -> httpx.Response:
@@ -312,6 +335,14 @@ def health_from(live: bool, ready: httpx.Response) -> Health:
         models=list(body.get("models", [])),
         error=body.get("error"),
     )
+
+
+def not_ready_error(url: str, health: Health, timeout: float) -> CotapError:
+    """What `wait_until_ready` raises when `timeout` seconds were not enough (`health`: the last answer)."""
+    detail = f" ({health.error})" if health.error else ""
+    if health.status == "unreachable":
+        return Unreachable(f"{url} could not be reached within {timeout:g} s{detail}")
+    return NotReady(f"{url} was not ready within {timeout:g} s: {health.status}{detail}", status=503)
 
 
 def output_names(outputs: Outputs) -> list[str]:

@@ -12,8 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 import httpx
 
@@ -31,10 +30,12 @@ from cotap.client.base import (
     encode_all,
     health_from,
     images_of,
+    not_ready_error,
     pair_inputs,
     prototypes_plan,
 )
 from cotap.client.errors import ImageTooLarge, NotFound, PayloadTooLarge
+from cotap.client.folder import embed_folder
 from cotap.client.info import Health, ServerInfo
 from cotap.client.inputs import ImageInput
 from cotap.client.results import (
@@ -46,9 +47,6 @@ from cotap.client.results import (
     PrototypesBatch,
 )
 from cotap.client.retry import Attempts, RetryPolicy
-
-if TYPE_CHECKING:
-    from cotap.client.folder import FolderReport
 
 
 class Client(ClientCore):
@@ -148,8 +146,23 @@ class Client(ClientCore):
                     raise self.not_a_server(e) from e
             return self._info
 
+    def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> Health:
+        """Ask `health()` every `interval` seconds until the server is ready (it may still be
+        starting, warming its models, or not listening yet); raise `NotReady`, or `Unreachable`
+        when nothing answered, after `timeout` seconds."""
+        start = time.monotonic()
+        while True:
+            h = self.health()
+            waited = time.monotonic() - start
+            if h.ready:
+                return h
+            if waited + interval > timeout:
+                raise not_ready_error(self.url, h, timeout)
+            time.sleep(interval)
+
     def health(self) -> Health:
-        """`/health/live` and `/health/ready`, asked once each (no retries: this reports state)."""
+        """`/health/live` and `/health/ready`, asked once each (no retries: this reports state).
+        The probes are open: a wrong API key shows up on the first call that needs it."""
         self._check_open()
         try:
             live = self._http.get(protocol.LIVE).status_code == 200
@@ -348,9 +361,6 @@ class Client(ClientCore):
         return results[0] if single else CorrespondenceBatch(results)
 
     # -- folders --------------------------------------------------------------------------------
-    def embed_folder(self, src: str | Path, dst: str | Path, **options: Any) -> FolderReport:
-        """Embed every image under `src` into `dst`, resumably; see `cotap.client.folder.embed_folder`
-        for the options (shard_size, concurrency, images_per_request, outputs, normalize, ...)."""
-        from cotap.client.folder import embed_folder
-
-        return embed_folder(self, src, dst, **options)
+    # `client.embed_folder(src, dst, ...)` is `cotap.client.folder.embed_folder(client, src, dst, ...)`:
+    # one definition, so its keywords and docstring are the method's too (IDEs, mypy, help()).
+    embed_folder = embed_folder

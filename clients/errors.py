@@ -53,6 +53,7 @@ class CotapError(Exception):
             "status": self.status,
             "message": self.message,
             "request_id": self.request_id,
+            "item": self.item,
         }
 
 

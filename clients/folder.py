@@ -2,7 +2,9 @@
 progress bar, resumable, and with every failure listed (see `store` for the two layouts).
 
 - Resumable: images whose features are already on disk are skipped; each output is written
-  atomically, so after a crash, SIGKILL or Ctrl-C a rerun does only what is missing.
+  atomically, so after a crash, SIGKILL or Ctrl-C a rerun does only what is missing. Like `make`,
+  an image modified after its features were written (source newer than its output file) is
+  embedded again: features never silently describe an older version of the file.
 - Nothing lost: every image ends either written or listed in `DST/failures.json` (and in the
   report) with the server's error code, message and request id. A rerun retries the failures.
 - One bad image does not sink its request's neighbours: when the server names it, the rest are
@@ -87,6 +89,7 @@ class FolderReport:
     skipped: int  # already done before this run
     written: int  # done by this run
     failures: list[Failure] = field(default_factory=list)
+    stale: int = 0  # done before, but the image changed since: embedded again (counted in written)
     interrupted: bool = False
     seconds: float = 0.0
     requests: int = 0
@@ -94,7 +97,7 @@ class FolderReport:
 
     @property
     def remaining(self) -> int:
-        """Images with no features yet (failed, or not reached before an interruption)."""
+        """Images with no features yet: the failures, and those not reached before an interruption."""
         return self.total - self.skipped - self.written
 
     @property
@@ -103,14 +106,44 @@ class FolderReport:
 
     def summary(self) -> str:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        redone = f" ({self.stale} changed since their last run)" if self.stale else ""
+        failed = len(self.failures)
+        not_reached = self.remaining - failed
         text = (
-            f"{self.written} written, {self.skipped} already done, {len(self.failures)} failed, "
-            f"{self.remaining} remaining of {self.total} images in {self.seconds:.1f} s "
+            f"{self.written} written{redone}, {self.skipped} already done, {failed} failed"
+            + (f", {not_reached} not reached" if not_reached else "")
+            + f" of {self.total} images in {self.seconds:.1f} s "
             f"({rate:.1f} images/s, {self.requests} requests, {self.retries} retries)"
         )
         if self.interrupted:
             text += "; interrupted: run the same command again to finish"
         return text
+
+
+class FolderInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a KeyboardInterrupt from `on_written`) stopped `embed_folder`. What finished is
+    kept, and `report` says what was done; being a KeyboardInterrupt, it stops a script that does
+    not catch it, as Ctrl-C should. Run the same call again to finish."""
+
+    def __init__(self, report: FolderReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+def _up_to_date(output: Path, source: Path, mtimes: dict[Path, int]) -> bool:
+    """Whether `output` exists and was written after `source` last changed (`make`'s rule);
+    `mtimes` caches the outputs' times (a shard holds many images)."""
+    if output not in mtimes:
+        try:
+            mtimes[output] = output.stat().st_mtime_ns
+        except OSError:
+            mtimes[output] = -1
+        if mtimes[output] < 0:
+            return False
+    try:
+        return mtimes[output] >= source.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def scan(src: Path, suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[str]:
@@ -267,12 +300,13 @@ def embed_folder(
     - `overwrite`: redo everything instead of resuming.
     - `progress`: a tqdm bar on stderr.
 
-    Returns a `FolderReport`; Ctrl-C stops cleanly (what finished is kept) and returns a report
-    with `interrupted=True`. Raises for problems no image would escape (wrong key, unknown model,
-    an option the server refuses, another source folder already in `dst`, the server gone away:
-    what was written is kept, and a rerun resumes).
+    Returns a `FolderReport`. Ctrl-C stops cleanly: what finished is kept, and `FolderInterrupted`
+    (a KeyboardInterrupt) is raised with the report in `.report`. Raises for problems no image would
+    escape (wrong key, unknown model, an option the server refuses, another source folder already
+    in `dst`, the server gone away: what was written is kept, and a rerun resumes). Images changed
+    since their features were written are embedded again (`report.stale`).
     """
-    from tqdm import tqdm
+    from tqdm.auto import tqdm  # a widget in notebooks, text in terminals
 
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
@@ -312,25 +346,31 @@ def embed_folder(
     remove_stale_tmp(dst)
 
     writer: ShardWriter | None = None
+    root = src if src.is_dir() else src.parent
     if shard_size:
         if overwrite:
             for old in dst.glob(f"shard-*{SUFFIX}"):
                 old.unlink()
         header = {k: record[k] for k in ("model", "bundle_sha256", "outputs", "normalize", "dtype")}
         writer = ShardWriter(dst, shard_size, header, fresh=overwrite or not (dst / INDEX).exists())
-        done = writer.done & set(files)
+        outputs_of = {rel: dst / shard for rel, shard in writer.shard_of.items()}
     elif overwrite:  # nothing of the earlier run stays: one folder never mixes two sets of features
         for old in dst.rglob(f"*{SUFFIX}"):
             old.unlink()
-        done = set()
+        outputs_of = {}
     else:
-        done = {rel for rel in files if feature_path(dst, rel).exists()}
+        outputs_of = {rel: path for rel in files if (path := feature_path(dst, rel)).exists()}
+    mtimes: dict[Path, int] = {}
+    had = [rel for rel in files if rel in outputs_of]
+    done = {rel for rel in had if _up_to_date(outputs_of[rel], root / rel, mtimes)}
     todo = [rel for rel in files if rel not in done]
 
     params = protocol.query(outputs=wanted, normalize=normalize, dtype=dtype_str, model=model or client.model)
     worker = _Worker(client, src, params, per_request)
     groups = [todo[i : i + per_request] for i in range(0, len(todo), per_request)]
-    report = FolderReport(src=src, dst=dst, total=len(files), skipped=len(done), written=0)
+    report = FolderReport(
+        src=src, dst=dst, total=len(files), skipped=len(done), written=0, stale=len(had) - len(done)
+    )
     stats0 = client.stats
     bar = tqdm(
         total=len(files),
@@ -345,6 +385,7 @@ def embed_folder(
     pending: set[Future[list[Outcome]]] = set()
     next_group = 0
     gone: Unreachable | None = None
+    gone_by_hand = False
     try:
         while next_group < len(groups) or pending:
             while next_group < len(groups) and len(pending) < 2 * concurrency:
@@ -367,6 +408,7 @@ def embed_folder(
                 bar.set_postfix(failed=len(report.failures), refresh=False)
     except KeyboardInterrupt:
         report.interrupted = True
+        gone_by_hand = True
     except Unreachable as e:
         gone = e
         report.interrupted = True
@@ -389,6 +431,8 @@ def embed_folder(
                 "failures": [asdict(f) for f in report.failures],
             },
         )
+    if gone_by_hand:
+        raise FolderInterrupted(report) from None
     if gone is not None:
         raise Unreachable(
             f"{gone.message}; stopped after {report.skipped + report.written} of {report.total} images "

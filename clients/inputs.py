@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, Union
@@ -159,6 +159,11 @@ def as_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[ImageInput]
         return [images], True  # type: ignore[list-item]
     if isinstance(images, np.ndarray):
         return list(images), False
+    if isinstance(images, Mapping | Set):  # its keys, or no order: results could not be matched up
+        raise TypeError(
+            f"expected an image or a sequence of images, got a {type(images).__name__}; pass a list "
+            "(for a dict of images: list(d.values()), in the order of list(d))"
+        )
     if isinstance(images, Sequence):
         return list(images), False  # type: ignore[arg-type]
     try:

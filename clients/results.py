@@ -8,6 +8,7 @@ features can always be traced back to their weights.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -16,8 +17,25 @@ import numpy as np
 Size = tuple[int, int]
 
 
-@dataclass(frozen=True)
-class Embedding:
+def _brief(value: Any) -> str:
+    return f"{value.dtype}{list(value.shape)}" if isinstance(value, np.ndarray) else repr(value)
+
+
+class _BriefRepr:
+    """`repr` with arrays as dtype and shape (`patch=float16[12, 12, 384]`): a result holds
+    thousands of floats, and printing one should show what it is, not its values."""
+
+    def __repr__(self) -> str:
+        shown = (
+            f"{f.name}={_brief(v)}"
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if (v := getattr(self, f.name)) is not None
+        )
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, repr=False)
+class Embedding(_BriefRepr):
     """Features of one image: `patch` (h, w, C) and `cls` (C,) (None when not asked for)."""
 
     patch: np.ndarray | None
@@ -31,8 +49,8 @@ class Embedding:
     request_id: str | None = None
 
 
-@dataclass(frozen=True)
-class Prototypes:
+@dataclass(frozen=True, repr=False)
+class Prototypes(_BriefRepr):
     """Prototype assignment of one image: `ids` (h, w) is the most probable prototype of each patch;
     `probs` (h, w, M) all probabilities, or (h, w, k) the k largest with `topk_ids` (h, w, k)."""
 
@@ -52,8 +70,8 @@ class Prototypes:
         return np.bincount(self.ids.ravel().astype(np.int64), minlength=max(self.num_prototypes, 1))
 
 
-@dataclass(frozen=True)
-class Matches:
+@dataclass(frozen=True, repr=False)
+class Matches(_BriefRepr):
     """Matched patch pairs as grid coordinates: `source` and `target` (K, 2) rows of (row, col),
     `score` (K,) cosine similarity, best first."""
 
@@ -65,8 +83,8 @@ class Matches:
         return int(self.score.shape[0])
 
 
-@dataclass(frozen=True)
-class Correspondence:
+@dataclass(frozen=True, repr=False)
+class Correspondence(_BriefRepr):
     """For every patch of the source image its best match in the target: `match` (h, w) flat index
     into the target grid (row * w' + col; -1 where `mutual_only` dropped it), `score` (h, w) cosine
     similarity, `mutual` (h, w) whether the target patch's best match is this patch again.
@@ -137,8 +155,17 @@ class Batch(list[T], Generic[T]):
     def bundle_sha256(self) -> str | None:
         return self._one("bundle_sha256")  # type: ignore[no-any-return]
 
+    def __repr__(self) -> str:
+        first = f": {self[0]!r}" + (", ..." if len(self) > 1 else "") if self else ""
+        return f"{type(self).__name__}({len(self)} items{first})"
+
 
 class EmbedBatch(Batch[Embedding]):
+    @property
+    def grid(self) -> Size | None:
+        """(h, w) shared by every item (an error if the grids differ)"""
+        return self._one("grid")  # type: ignore[no-any-return]
+
     @property
     def patch(self) -> np.ndarray:
         """(N, h, w, C)"""
@@ -161,6 +188,20 @@ class PrototypesBatch(Batch[Prototypes]):
         """(N, h, w, M or k)"""
         return self.stack("probs")
 
+    @property
+    def topk_ids(self) -> np.ndarray:
+        """(N, h, w, k), with top_k"""
+        return self.stack("topk_ids")
+
+    @property
+    def grid(self) -> Size | None:
+        """(h, w) shared by every item (an error if the grids differ)"""
+        return self._one("grid")  # type: ignore[no-any-return]
+
+    @property
+    def num_prototypes(self) -> int | None:
+        return self._one("num_prototypes")  # type: ignore[no-any-return]
+
 
 class CorrespondenceBatch(Batch[Correspondence]):
     @property
@@ -177,6 +218,21 @@ class CorrespondenceBatch(Batch[Correspondence]):
     def mutual(self) -> np.ndarray:
         """(N, h, w)"""
         return self.stack("mutual")
+
+    @property
+    def match_topk(self) -> np.ndarray:
+        """(N, h, w, k), with top_k > 1"""
+        return self.stack("match_topk")
+
+    @property
+    def score_topk(self) -> np.ndarray:
+        """(N, h, w, k), with top_k > 1"""
+        return self.stack("score_topk")
+
+    @property
+    def similarity(self) -> np.ndarray:
+        """(N, h*w, h'*w'), with dense"""
+        return self.stack("similarity")
 
 
 def patch_centers(grid: Size, size: Size) -> np.ndarray:

@@ -6,11 +6,13 @@ counts as done:
 
 - one file per image: `DST/<path of the image under SRC>.safetensors` (`photos/cat.jpg` ->
   `photos/cat.jpg.safetensors`), holding `patch` (h, w, C) and/or `cls` (C,); metadata names the
-  source path, model, bundle hash, grid and sizes. Done = the file exists.
+  source path, model, bundle hash, grid and sizes. Done = the file exists and is newer than the
+  image.
 - shards: `DST/shard-00000.safetensors`, ... holding up to N images each (`patch` (n, h, w, C) and
   `cls` (n, C) when the grids agree, else `patch.0`, `patch.1`, ...), and `DST/index.json` mapping
   every image path to its shard and row. The index is rewritten (atomically) after each shard, so
-  done = listed in the index.
+  done = listed in the index. An image embedded again (it changed since) moves to a later shard;
+  its old row stays in its shard but is no longer indexed, and `read_features` skips it.
 """
 
 from __future__ import annotations
@@ -121,8 +123,9 @@ class ShardWriter:
         self.index.update(header)
 
     @property
-    def done(self) -> set[str]:
-        return set(self.index["items"])
+    def shard_of(self) -> dict[str, str]:
+        """The shard file that holds each image's features."""
+        return {rel: place[0] for rel, place in self.index["items"].items()}
 
     def add(self, rel: str, e: Embedding) -> None:
         self.buffer.append((rel, e))
@@ -197,8 +200,11 @@ def read_features(dst: str | Path) -> Iterator[tuple[str, Embedding]]:
     index_path = dst / INDEX
     if index_path.exists():
         index = json.loads(index_path.read_text())
+        items = index["items"]
         for shard in index["shards"]:
-            yield from read_shard(dst / shard["file"])
+            for row, (rel, e) in enumerate(read_shard(dst / shard["file"])):
+                if items.get(rel) == [shard["file"], row]:  # not a row superseded by a later shard
+                    yield rel, e
         return
     for path in sorted(dst.rglob(f"*{SUFFIX}")):
         if path.name.startswith(".") or TMP_MARK in path.name:

@@ -21,9 +21,13 @@ from tests.server.helpers import settings_for, wait_ready
 
 @contextmanager
 def live_server(
-    *bundles: Path, hook: Callable[[Backend], Backend] | None = None, **settings: Any
+    *bundles: Path,
+    hook: Callable[[Backend], Backend] | None = None,
+    start_after_s: float = 0.0,
+    **settings: Any,
 ) -> Iterator[str]:
-    """The base URL of a running server for `bundles` with these settings; stopped on exit."""
+    """The base URL of a running server for `bundles` with these settings; stopped on exit. With
+    `start_after_s`, the URL comes at once and the server starts listening that much later."""
     base: dict[str, Any] = {"drain_timeout_s": 1.0, "log_level": "warning"}
     app = create_app(settings_for(*bundles, **(base | settings)), backend_hook=hook)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -34,11 +38,17 @@ def live_server(
         app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=1
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def run() -> None:
+        time.sleep(start_after_s)  # until then the port is bound but not listening: refused
+        server.run(sockets=[sock])
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, thread.is_alive)
+        if not start_after_s:
+            wait_ready(url, thread.is_alive)
         yield url
     finally:
         server.should_exit = True

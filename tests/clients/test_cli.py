@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,6 +160,24 @@ def test_models_and_health_commands(server_url: str, capsys: pytest.CaptureFixtu
     assert main(["health", "--url", "http://127.0.0.1:9"]) == 1
     assert main(["models", "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_health_is_a_probe_that_can_wait(capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that accepts and never answers is not ready after 5 s (not the 120 s of a request);
+    `--wait` asks again until its time is up."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        t0 = time.monotonic()
+        assert main(["health", "--url", f"http://127.0.0.1:{silent.getsockname()[1]}"]) == 1
+        assert 4.5 < time.monotonic() - t0 < 9
+    assert "unreachable" in capsys.readouterr().out
+    t0 = time.monotonic()
+    assert main(["health", "--url", "http://127.0.0.1:9", "--wait", "1"]) == 1
+    assert 0.4 < time.monotonic() - t0 < 4
+    assert "could not be reached within 1 s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: "must be a positive number"
+        main(["health", "--url", "http://127.0.0.1:9", "--timeout", "0"])
 
 
 def test_embed_command_reports_bad_arguments(server_url: str, tmp_path: Path) -> None:

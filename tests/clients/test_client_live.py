@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,13 @@ from cotap.client import (
     CorrespondenceBatch,
     EmbedBatch,
     Embedding,
+    Health,
     InvalidParameters,
     ModelNotFound,
     NotFound,
     PayloadTooLarge,
     Prototypes,
+    Timeout,
     Unauthorized,
     Unreachable,
 )
@@ -200,6 +204,47 @@ def test_unreachable_server_fails_after_retries() -> None:
         assert client.stats.retries == 2
         h = client.health()
     assert not h.live and h.status == "unreachable"
+
+
+def test_wait_until_ready_waits_for_a_server_that_starts_late(tiny_bundle: Path) -> None:
+    """The first calls are refused (nothing listens yet): it asks again until the server is ready."""
+    with live_server(tiny_bundle, start_after_s=1.0) as url, Client(url) as client:
+        assert client.health().status == "unreachable"
+        t0 = time.monotonic()
+        health = client.wait_until_ready(timeout=30, interval=0.1)
+        assert health.ready and health.models == ["tiny"] and time.monotonic() - t0 > 0.3
+        assert client.embed(np.zeros((40, 48, 3), np.uint8)).grid == (4, 4)
+
+
+def test_a_timeout_names_the_request_and_the_limit() -> None:
+    """A server that accepts and never answers: `Timeout` at the client's limit, not retried, and
+    its message says which request waited how long."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with Client(url, timeout=0.5) as client:
+            t0 = time.monotonic()
+            with pytest.raises(Timeout, match=r"to GET /v1/models within 0.5 s \(ReadTimeout\)") as raised:
+                client.embed(np.zeros((40, 48, 3), np.uint8))
+            assert time.monotonic() - t0 < 2 and client.stats.retries == 0
+    assert raised.value.code == "timeout" and raised.value.status is None
+
+
+def test_wait_until_ready_gives_up_after_its_timeout() -> None:
+    with Client("http://127.0.0.1:9") as client:
+        t0 = time.monotonic()
+        with pytest.raises(Unreachable, match="could not be reached within 0.6 s"):
+            client.wait_until_ready(timeout=0.6, interval=0.2)
+        assert time.monotonic() - t0 < 3
+
+
+def test_async_wait_until_ready(server_url: str) -> None:
+    async def main() -> Health:
+        async with AsyncClient(server_url) as client:
+            return await client.wait_until_ready(timeout=5)
+
+    assert asyncio.run(main()).ready
 
 
 def test_models_and_health(server_url: str) -> None:

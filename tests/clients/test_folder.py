@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cotap.client import Client, Unreachable, read_features
+from cotap.client import Client, FolderInterrupted, Unreachable, read_features
 from cotap.client.retry import RetryPolicy
 from cotap.client.store import feature_path
 from tests.clients.folders import image_folder
@@ -67,10 +67,14 @@ def test_interrupted_run_keeps_what_finished(server_url: str, tmp_path: Path) ->
             raise KeyboardInterrupt
 
     with Client(server_url) as client:
-        first = client.embed_folder(
-            src, dst, images_per_request=2, concurrency=2, progress=False, on_written=stop_at_ten
-        )
+        with pytest.raises(FolderInterrupted) as stopped:  # a KeyboardInterrupt: it stops the script
+            client.embed_folder(
+                src, dst, images_per_request=2, concurrency=2, progress=False, on_written=stop_at_ten
+            )
+        first = stopped.value.report
+        assert isinstance(stopped.value, KeyboardInterrupt)
         assert first.interrupted and first.written == 10 and "interrupted" in first.summary()
+        assert "20 not reached" in first.summary() and first.remaining == 20 and not first.failures
         on_disk = {rel for rel, _ in read_features(dst)}
         assert on_disk == set(seen)
         second = client.embed_folder(src, dst, images_per_request=2, progress=False)
@@ -90,8 +94,9 @@ def test_shards_with_index(server_url: str, tmp_path: Path) -> None:
             if len(seen) == 9:
                 raise KeyboardInterrupt
 
-        part = client.embed_folder(src, tmp_path / "shards", shard_size=4, progress=False, on_written=stop)
-        assert part.interrupted
+        with pytest.raises(FolderInterrupted) as stopped:
+            client.embed_folder(src, tmp_path / "shards", shard_size=4, progress=False, on_written=stop)
+        assert stopped.value.report.interrupted
         index = json.loads((tmp_path / "shards" / "index.json").read_text())
         assert len(index["items"]) == 9  # two full shards and the flushed remainder
         rest = client.embed_folder(src, tmp_path / "shards", shard_size=4, progress=False)
@@ -103,6 +108,31 @@ def test_shards_with_index(server_url: str, tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("shard_size", [None, 3])
+def test_an_image_changed_since_its_run_is_embedded_again(
+    server_url: str, tmp_path: Path, shard_size: int | None
+) -> None:
+    """Like make: features older than their image are redone, and read back are the new ones."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    paths = image_folder(src, 6)
+    changed = src / paths[1]
+    with Client(server_url) as client:
+        first = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
+        assert first.ok and first.written == 6
+        before = _features(dst)[paths[1]]
+        other = src / paths[4]
+        changed.write_bytes(other.read_bytes())  # a newer file, other pixels
+        again = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
+        assert (again.skipped, again.written, again.stale) == (5, 1, 1) and again.ok
+        assert "1 written (1 changed since their last run)" in again.summary()
+        now = dict(read_features(dst))
+        assert len(list(read_features(dst))) == 6  # the superseded row is not read back
+        assert np.array_equal(now[paths[1]].patch, now[paths[4]].patch)  # type: ignore[arg-type]
+        assert not np.array_equal(now[paths[1]].patch, before)  # type: ignore[arg-type]
+        third = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
+    assert (third.skipped, third.written, third.stale) == (6, 0, 0)
 
 
 def test_refuses_to_mix_models(server_url: str, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ decoding (stacked and per-item layouts) and match extraction, each against a pla
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -24,7 +25,15 @@ from cotap.client.chunking import PART_OVERHEAD, body_bytes, plan_chunks
 from cotap.client.info import ServerInfo, ServerLimits
 from cotap.client.inputs import as_list, encode_image, image_size, sniff, to_pil
 from cotap.client.protocol import Decoded, correspondences, decode, embeddings, read_metadata
-from cotap.client.results import Correspondence, EmbedBatch, Embedding, patch_centers
+from cotap.client.results import (
+    Correspondence,
+    CorrespondenceBatch,
+    EmbedBatch,
+    Embedding,
+    Prototypes,
+    PrototypesBatch,
+    patch_centers,
+)
 from cotap.client.retry import Attempts, RetryPolicy, retry_after_seconds
 
 
@@ -187,6 +196,10 @@ def test_single_or_batch() -> None:
     items, single = as_list(np.zeros((4, 8, 8, 3), np.uint8))
     assert not single and len(items) == 4
     assert as_list(["a.jpg", b"x"]) == (["a.jpg", b"x"], False)
+    assert as_list(iter(["a.jpg"])) == (["a.jpg"], False)  # any iterable of images
+    for unordered in ({"a.jpg": img}, {"a.jpg", "b.jpg"}):  # a dict's keys are not its images
+        with pytest.raises(TypeError, match="pass a list"):
+            as_list(unordered)  # type: ignore[arg-type]
 
 
 # -- answers ---------------------------------------------------------------------------------------
@@ -239,6 +252,29 @@ def test_batch_refuses_to_stack_different_grids() -> None:
     with pytest.raises(ValueError, match="not asked for"):
         _ = EmbedBatch([a]).cls
     assert EmbedBatch([a, b]).model == "m"
+    with pytest.raises(ValueError, match="disagree on grid"):
+        _ = EmbedBatch([a, b]).grid
+    assert EmbedBatch([a, a]).grid == (2, 2)
+
+
+def test_results_print_their_arrays_by_dtype_and_shape() -> None:
+    e = Embedding(np.zeros((12, 12, 384), np.float16), None, (12, 12), (96, 96), (480, 640), "m", "h")
+    assert repr(e) == (
+        "Embedding(patch=float16[12, 12, 384], grid=(12, 12), input_size=(96, 96), "
+        "original_size=(480, 640), model='m', bundle_sha256='h', normalized=False)"
+    )
+    assert repr(EmbedBatch([e, e])) == f"EmbedBatch(2 items: {e!r}, ...)"
+    assert repr(EmbedBatch([])) == "EmbedBatch(0 items)"
+
+
+def test_batches_stack_every_array_field_of_their_items() -> None:
+    """Each result's array fields are reachable on its batch, stacked (N, ...)."""
+    pairs = ((Embedding, EmbedBatch), (Prototypes, PrototypesBatch), (Correspondence, CorrespondenceBatch))
+    for item_type, batch_type in pairs:
+        arrays = [f.name for f in dataclasses.fields(item_type) if "ndarray" in str(f.type)]
+        assert arrays, item_type
+        for name in arrays:
+            assert isinstance(getattr(batch_type, name, None), property), (batch_type, name)
 
 
 def test_matches_equal_a_plain_loop() -> None:
