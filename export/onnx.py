@@ -35,10 +35,11 @@ FIXTURE_COUNT = 8
 def onnx_file_name(
     precision: str, sizes: Sequence[tuple[int, int]], declared: Sequence[tuple[int, int]]
 ) -> str:
-    """`onnx/model-<precision>.onnx` for the bundle's declared sizes, else with the sizes in the name."""
-    if tuple(sizes) == tuple(declared):
+    """`onnx/model-<precision>.onnx` for the bundle's declared sizes, else with the sizes in the name;
+    the same sizes in any order name the same file (one model holds them all)."""
+    if set(sizes) == set(declared):
         return f"onnx/model-{precision}.onnx"
-    tag = "_".join(f"{h}x{w}" for h, w in sizes)
+    tag = "_".join(f"{h}x{w}" for h, w in sorted(set(sizes)))
     return f"onnx/model-{precision}-{tag}.onnx"
 
 

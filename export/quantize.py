@@ -76,6 +76,49 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def inline_weight_identities(model: onnx.ModelProto) -> int:
+    """Point the consumers of `Identity(initializer)` at the initializer itself and drop the
+    Identity, in place; returns how many. The legacy exporter routes weights a module reuses (the
+    object-aware filter runs the last block's attention and MLP a second time) through Identity
+    nodes, and ONNX Runtime's quantiser only treats a MatMul input as a weight when it is an
+    initializer: without this, those MatMuls stay fp32 (dynamic) or get their per-channel weights
+    quantised twice, per-channel then per-tensor (static)."""
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Identity" and n.input[0] in weights and n.output[0] not in outputs
+    }
+    if not alias:
+        return 0
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(alias)
+
+
+@contextlib.contextmanager
+def _weights_inlined(src: str | os.PathLike[str], work: Path) -> Iterator[tuple[str, int]]:
+    """(path, count): `src` with `inline_weight_identities` applied, in a file under `work` that is
+    removed afterwards (or `src` itself when it has none)."""
+    model = onnx.load(str(src))
+    n = inline_weight_identities(model)
+    if not n:
+        yield str(src), 0
+        return
+    path = work / "model-fp32-inlined.onnx"
+    onnx.save(model, str(path))
+    try:
+        yield str(path), n
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
     """Convert an fp32 ONNX file to fp16 weights and compute, float32 I/O. Returns its settings."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -98,9 +141,9 @@ def to_int8_dynamic(
     """Dynamic quantisation: QInt8 weights, activations quantised per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet_root_logger():
+    with _weights_inlined(src, Path(dst).parent) as (weights_src, inlined), _quiet_root_logger():
         quantize_dynamic(
-            str(src),
+            weights_src,
             str(dst),
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(config.op_types),
@@ -109,6 +152,7 @@ def to_int8_dynamic(
     return {
         "mode": "dynamic",
         "weight_type": "QInt8",
+        "weight_identities_inlined": inlined,
         "op_types": list(config.op_types),
         "per_channel": config.per_channel,
     }
@@ -156,9 +200,9 @@ def to_int8_static(
     if len(reader) == 0:
         raise ValueError("static int8 needs calibration images")
     tmp_dir = Path(dst).parent
-    with _quiet_root_logger():
+    with _weights_inlined(src, tmp_dir) as (weights_src, inlined), _quiet_root_logger():
         quantize_static(
-            str(src),
+            weights_src,
             str(dst),
             calibration_data_reader=reader,  # type: ignore[arg-type]
             quant_format=QuantFormat.QDQ,
@@ -181,4 +225,5 @@ def to_int8_static(
         "op_types": list(config.op_types),
         "calibrate_method": "MinMax",
         "calibration_samples": len(reader),
+        "weight_identities_inlined": inlined,
     }

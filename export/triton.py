@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,10 +39,13 @@ from cotap.core.artifacts import (
     serving_onnx,
     sizes_text,
 )
-from cotap.core.bundle import read_bundle, sha256_file
+from cotap.core.bundle import Bundle, read_bundle, sha256_file
 from cotap.core.fsio import write_json
 
 KINDS = ("KIND_GPU", "KIND_CPU")
+# A model name is a folder of the repository and a quoted string in config.pbtxt: no path parts,
+# no quotes, and never "." or ".." (which would name the repository or its parent).
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,29 @@ class TritonOptions:
     instances: int = 1
     max_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = ()
+
+
+def check_options(options: TritonOptions, name: str, max_batches: Sequence[int]) -> None:
+    """Refuse, before anything is written, what Triton would refuse to load: a name that is not a
+    plain folder name, an unknown instance kind, counts below 1, a negative queue delay, or a
+    preferred batch size above a model's `max_batch_size` (`max_batches`)."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(
+            f"bad model name {name!r}: use letters, digits, '_', '.' and '-', not starting with '.' or '-'"
+        )
+    if options.kind not in KINDS:
+        raise ValueError(f"instance kind must be one of {KINDS}, not {options.kind!r}")
+    if options.instances < 1:
+        raise ValueError(f"the instance count must be at least 1, not {options.instances}")
+    if options.max_queue_delay_us < 0:
+        raise ValueError(f"the queue delay must be 0 or more microseconds, not {options.max_queue_delay_us}")
+    limit = min(max_batches)
+    bad = [b for b in options.preferred_batch_sizes if not 1 <= b <= limit]
+    if bad:
+        raise ValueError(
+            f"preferred batch sizes {bad} are not between 1 and the models' max batch size {limit} "
+            "(Triton refuses a preferred size above max_batch_size)"
+        )
 
 
 def _dims(values: Sequence[int]) -> str:
@@ -128,8 +156,8 @@ def plans_by_compute_capability(engines: Sequence[EngineArtifact], kind: str) ->
     """{compute capability: plan file name} for the `tensorrt_plan` model, checked before anything
     is written. Triton picks one plan per GPU by its compute capability (`cc_model_filenames`), so
     two engines for one compute capability are refused (one would be dropped silently); all share
-    the config's instance group, so their optimisation profile counts must agree; and TensorRT
-    plans run on GPUs only."""
+    the config's instance group and profile i of every plan serves the same input size, so their
+    sizes must be the same, in the same order; and TensorRT plans run on GPUs only."""
     if not engines:
         return {}
     if kind != "KIND_GPU":
@@ -148,15 +176,23 @@ def plans_by_compute_capability(engines: Sequence[EngineArtifact], kind: str) ->
             )
         targets[e.compute_capability] = e.target
         by_cc[e.compute_capability] = f"{e.target}.plan"
-    counts = {e.target: len(e.sizes) for e in engines}
-    if len(set(counts.values())) > 1:
+    sizes = {e.target: tuple(e.sizes) for e in engines}
+    if len(set(sizes.values())) > 1:
         raise ValueError(
-            "the engines' optimisation profile counts differ ("
-            + ", ".join(f"{t}: {n}" for t, n in counts.items())
-            + "); the tensorrt_plan model lists the same profiles for every plan, so build every "
-            "engine for the same input sizes"
+            "the engines' optimisation profiles differ ("
+            + "; ".join(f"{t}: " + ", ".join(f"{h}x{w}" for h, w in s) for t, s in sizes.items())
+            + "); the tensorrt_plan model lists the same profiles for every plan, and profile i must "
+            "serve the same input size in each, so build every engine for the same input sizes"
         )
     return by_cc
+
+
+def default_plan(engines: Sequence[EngineArtifact]) -> str | None:
+    """The plan Triton loads on a GPU whose compute capability `cc_model_filenames` does not list:
+    an Ampere-plus engine (it runs on every GPU of compute capability 8.0 or more), else none, so
+    that such a GPU gets Triton's clear "unable to find" error and not an engine built for another."""
+    portable = [e for e in engines if e.hardware_compatibility_level == "ampere_plus"]
+    return f"{portable[0].target}.plan" if portable else None
 
 
 def forced_files(record: OnnxArtifact | None, engines: Sequence[EngineArtifact]) -> list[str]:
@@ -213,14 +249,49 @@ def export_triton(
         forced = forced_files(record, engines)
     repo = Path(out)
     name = options.name or bundle.config.name
-    if not name or "/" in name:
-        raise ValueError(f"bad model name {name!r}")
+    check_options(options, name, [record.max_batch, *(e.max_batch for e in engines)])
     targets = [repo / name, repo / f"{name}_trt"]
-    if any(t.exists() for t in targets):
-        if not overwrite:
-            raise FileExistsError(f"{targets[0]} exists in {repo}; pass --overwrite to replace it")
+    if any(t.exists() for t in targets) and not overwrite:
+        raise FileExistsError(f"{targets[0]} exists in {repo}; pass --overwrite to replace it")
+    repo.mkdir(parents=True, exist_ok=True)
+    # Written beside the repository, then moved in: Triton never sees a half-written model, and a
+    # failure leaves the repository as it was.
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}-{name}-", dir=repo.parent))
+    try:
+        written, files = _write_models(bundle, record, engines, by_cc, staging, name, options)
         for t in targets:
             shutil.rmtree(t, ignore_errors=True)
+        for model in written:
+            (staging / model).rename(repo / model)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    index = repo / "cotap-repository.json"
+    existing = json.loads(index.read_text()) if index.is_file() else {}
+    existing[name] = {
+        "bundle": str(bundle.path.resolve()),
+        "bundle_sha256": bundle.sha256,
+        "models": written,
+        "files": files,
+        "options": asdict(options),
+        "forced": bool(forced),
+        "forced_files": forced,
+        "config_sha256": {m: sha256_file(repo / m / "config.pbtxt") for m in written},
+    }
+    write_json(index, existing, sort_keys=True)
+    return written
+
+
+def _write_models(
+    bundle: Bundle,
+    record: OnnxArtifact,
+    engines: Sequence[EngineArtifact],
+    by_cc: dict[str, str],
+    repo: Path,
+    name: str,
+    options: TritonOptions,
+) -> tuple[list[str], dict[str, str]]:
+    """Write the ONNX model (and the TensorRT model when there are engines) into `repo`; returns
+    the model names and {repository path: sha256} of the model files."""
     cfg = bundle.config
     params = {"cotap_bundle_sha256": bundle.sha256, "cotap_precision": record.precision}
     written: list[str] = []
@@ -255,7 +326,7 @@ def export_triton(
                 max_batch,
                 trt_dims,
                 options,
-                default_model_filename=next(iter(by_cc.values())),
+                default_model_filename=default_plan(engines),
                 cc_model_filenames=by_cc,
                 parameters={
                     **params,
@@ -266,17 +337,4 @@ def export_triton(
             )
         )
         written.append(trt_name)
-    index = repo / "cotap-repository.json"
-    existing = json.loads(index.read_text()) if index.is_file() else {}
-    existing[name] = {
-        "bundle": str(bundle.path.resolve()),
-        "bundle_sha256": bundle.sha256,
-        "models": written,
-        "files": files,
-        "options": asdict(options),
-        "forced": bool(forced),
-        "forced_files": forced,
-        "config_sha256": {m: sha256_file(repo / m / "config.pbtxt") for m in written},
-    }
-    write_json(index, existing, sort_keys=True)
-    return written
+    return written, files

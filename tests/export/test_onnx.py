@@ -21,7 +21,7 @@ from cotap.export import onnx as onnx_export
 from cotap.export.fixtures import synthetic_images
 from cotap.export.gate import GateError
 from cotap.export.graph import export_fp32
-from cotap.export.onnx import export_onnx
+from cotap.export.onnx import export_onnx, onnx_file_name
 from cotap.training.checkpoints import load_model
 from tests.export.conftest import TWO_SIZES
 
@@ -66,6 +66,14 @@ def test_fp32_two_sizes_in_one_model(tiny_bundle: Bundle) -> None:
                 np.testing.assert_allclose(got[k], ref[k], atol=2e-5, rtol=1e-4)
 
 
+def test_the_same_sizes_in_any_order_name_one_file() -> None:
+    declared = [(32, 32), (24, 40)]
+    assert onnx_file_name("fp16", declared[::-1], declared) == "onnx/model-fp16.onnx"
+    three = [(48, 48), (32, 32), (24, 40)]
+    assert onnx_file_name("int8", three, declared) == onnx_file_name("int8", three[::-1], declared)
+    assert onnx_file_name("int8", three, declared) == "onnx/model-int8-24x40_32x32_48x48.onnx"
+
+
 def test_undeclared_size_is_refused_by_the_graph(tiny_bundle: Bundle) -> None:
     record = export_onnx(tiny_bundle.path, "fp32", sizes=[(32, 32)])
     assert record.file == "onnx/model-fp32-32x32.onnx"
@@ -82,7 +90,6 @@ def test_reduced_precision_passes_its_gate(tiny_bundle: Bundle, precision: str) 
     size = record.gate["sizes"]["24x40"]
     assert size["patch_cos_mean"] >= record.gate["thresholds"]["patch_cos_mean"]
     model = onnx.load(str(tiny_bundle.path / record.file))
-    ops = {n.op_type for n in model.graph.node}
     elem = {i.name: i.type.tensor_type.elem_type for i in [*model.graph.input, *model.graph.output]}
     assert set(elem.values()) == {onnx.TensorProto.FLOAT}  # float32 I/O whatever the inside
     if precision == "fp16":
@@ -91,8 +98,22 @@ def test_reduced_precision_passes_its_gate(tiny_bundle: Bundle, precision: str) 
         assert ln and all("Cast" not in n.name for n in ln)
         assert record.extra["conversion"]["fp32_ops"] == ["LayerNormalization", "Softmax"]
     else:
-        assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops
         assert record.extra["conversion"]["mode"] == "dynamic"
+        fp32 = export_onnx(tiny_bundle.path, "fp32", sizes=[(24, 40)])
+        weights = weight_matmuls(onnx.load(str(tiny_bundle.path / fp32.file)))
+        # Every MatMul by a weight is int8, the object filter's reused weights included.
+        assert sum(n.op_type == "MatMulInteger" for n in model.graph.node) == len(weights)
+        assert record.extra["conversion"]["weight_identities_inlined"] > 0
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """The weight of each MatMul by a weight: an initializer, or an Identity of one (how the
+    legacy exporter feeds weights a module reuses, like the object-aware filter's)."""
+    weights = {i.name: i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Identity" and n.input[0] in weights:
+            weights[n.output[0]] = n.input[0]
+    return [weights[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
 def test_static_int8_calibrated_on_a_folder(tiny_bundle: Bundle, tmp_path: Path) -> None:
@@ -104,8 +125,18 @@ def test_static_int8_calibrated_on_a_folder(tiny_bundle: Bundle, tmp_path: Path)
     assert record.gate["passed"]
     conv = record.extra["conversion"]
     assert conv["mode"] == "static" and conv["format"] == "QDQ" and conv["calibration_samples"] == 4
-    ops = {n.op_type for n in onnx.load(str(tiny_bundle.path / record.file)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    model = onnx.load(str(tiny_bundle.path / record.file))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in model.graph.node}
+    # Each weight is dequantised per channel straight from its int8 initializer, never quantised a
+    # second time (per tensor, after an Identity) as it was before the Identities were inlined.
+    inits = {i.name for i in model.graph.initializer}
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    fp32 = export_onnx(tiny_bundle.path, "fp32", sizes=[(32, 32)])
+    shared = weight_matmuls(onnx.load(str(tiny_bundle.path / fp32.file)))
+    assert len(shared) > len(set(shared))  # the filter reuses the last block's weights
+    assert len(weight_dq) == len(set(shared))
+    dq_outputs = {n.output[0] for n in weight_dq}
+    assert not [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in dq_outputs]
 
 
 def test_cli_says_when_static_int8_replaces_dynamic_int8(

@@ -18,6 +18,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 from cotap.cli.main import main
 from cotap.core.artifacts import ENGINES_KEY, EngineArtifact
 from cotap.core.bundle import Bundle, add_files, sha256_bytes
+from cotap.export import triton
 from cotap.export.gate import GateThresholds
 from cotap.export.onnx import export_onnx
 from cotap.export.triton import TritonOptions, export_triton
@@ -199,11 +200,16 @@ def add_engines(bundle: Bundle, *records: EngineArtifact) -> None:
         (
             (engine_record("t4", "7.5"), engine_record("l4", "8.9", ((32, 32),))),
             "KIND_GPU",
-            r"profile counts differ \(t4: 2, l4: 1\)",
+            r"profiles differ \(t4: 32x32, 24x40; l4: 32x32\)",
+        ),
+        (
+            (engine_record("t4", "7.5"), engine_record("l4", "8.9", ((24, 40), (32, 32)))),
+            "KIND_GPU",
+            r"profiles differ \(t4: 32x32, 24x40; l4: 24x40, 32x32\)",  # profile i: one size in all
         ),
         ((engine_record("t4", "7.5"),), "KIND_CPU", "GPUs only .*KIND_GPU"),
     ],
-    ids=["same-cc", "profile-counts", "kind-cpu"],
+    ids=["same-cc", "profile-counts", "profile-order", "kind-cpu"],
 )
 def test_engines_triton_cannot_serve_are_refused_before_writing(
     tiny_bundle: Bundle, tmp_path: Path, records: tuple[EngineArtifact, ...], kind: str, message: str
@@ -226,6 +232,68 @@ def test_two_compute_capabilities_share_one_model(tiny_bundle: Bundle, tmp_path:
         assert (
             tmp_path / "repo" / "tiny_trt" / "1" / f"{target}.plan"
         ).read_bytes() == f"plan of {target}".encode()
+
+
+def test_an_ampere_plus_plan_is_the_default_and_no_other(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    """Triton loads `default_model_filename` on a GPU that `cc_model_filenames` does not list (an
+    A100 at 8.0, an H200 at 9.0): only an Ampere-plus engine runs there; a T4 plan would not."""
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    l4 = dataclasses.replace(engine_record("l4-h100", "8.9"), hardware_compatibility_level="ampere_plus")
+    add_engines(tiny_bundle, engine_record("t4", "7.5"), l4)
+    export_triton(tiny_bundle.path, tmp_path / "both")
+    both = parse(tmp_path / "both" / "tiny_trt" / "config.pbtxt")
+    assert both.default_model_filename == "l4-h100.plan"
+    add_engines(tiny_bundle, engine_record("t4", "7.5"))
+    export_triton(tiny_bundle.path, tmp_path / "t4")
+    assert "default_model_filename" not in (tmp_path / "t4" / "tiny_trt" / "config.pbtxt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (TritonOptions(name=".."), "bad model name '..'"),
+        (TritonOptions(name="."), "bad model name '.'"),
+        (TritonOptions(name="a/b"), "bad model name"),
+        (TritonOptions(name='a"b'), "bad model name"),
+        (TritonOptions(preferred_batch_sizes=(4, 64)), r"preferred batch sizes \[64\] .* max batch size 8"),
+        (TritonOptions(max_queue_delay_us=-5), "queue delay must be 0 or more"),
+        (TritonOptions(instances=0), "instance count must be at least 1"),
+        (TritonOptions(kind="KIND_TPU"), "instance kind must be one of"),
+    ],
+)
+def test_options_triton_would_refuse_are_refused_and_nothing_is_touched(
+    tiny_bundle: Bundle, tmp_path: Path, options: TritonOptions, message: str
+) -> None:
+    """Before this check `--name .. --overwrite` deleted the repository's parent folder."""
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    repo = tmp_path / "deploy" / "repo"
+    export_triton(tiny_bundle.path, repo, TritonOptions(name="other"))
+    (tmp_path / "deploy" / "keep.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=message):
+        export_triton(tiny_bundle.path, repo, options, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_failed_write_leaves_the_repository_as_it_was(
+    tiny_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The models are written beside the repository and moved in at the end: an error half-way
+    (a disk full, say) leaves the old model in place and no staging folder behind."""
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    repo = tmp_path / "repo"
+    export_triton(tiny_bundle.path, repo)
+    old = (repo / "tiny" / "config.pbtxt").read_text()
+
+    def disk_full(*args: Any, **kwargs: Any) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(triton, "config_pbtxt", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_triton(tiny_bundle.path, repo, TritonOptions(instances=3), overwrite=True)
+    assert (repo / "tiny" / "config.pbtxt").read_text() == old
+    assert (repo / "tiny" / "1" / "model.onnx").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 def test_missing_onnx_model_is_explained(tiny_bundle: Bundle, tmp_path: Path) -> None:
