@@ -56,6 +56,18 @@ def fingerprint_paths(relative: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(relative).encode()).hexdigest()
 
 
+def fingerprint_files(paths: Sequence[Path]) -> str:
+    """sha256 of each file's absolute path, size and modification time: identifies the exact files
+    (for the evaluation feature cache), so another folder with the same file names, or a file
+    changed in place, is another data set. (`fingerprint_paths` identifies a data set by its names
+    alone, which survives moving it: what a neighbour file is checked against.)"""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def read_rgb(path: Path, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """uint8 (H, W, 3), upright. Raises `ImageDecodeError` or `OSError`."""
     image, _ = decode_image(path.read_bytes(), limits)

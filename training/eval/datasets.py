@@ -21,7 +21,7 @@ import numpy as np
 from cotap.core.images import IMAGE_SUFFIXES, ImageDecodeError
 from cotap.training.data.folders import (
     SegmentationFolder,
-    fingerprint_paths,
+    fingerprint_files,
     list_files,
     parse_synthetic_spec,
     read_rgb,
@@ -206,7 +206,7 @@ def mask_folder(
         has_labels=labels is not None,
         num_classes=(lambda: folder.num_classes) if num_classes is None else num_classes,
         class_names=names,
-        fingerprint=fingerprint_paths([*folder.relative_paths, *(p.as_posix() for p in folder.mask_paths)]),
+        fingerprint=fingerprint_files([*folder.image_paths, *folder.mask_paths]),
     )
 
 
@@ -250,10 +250,9 @@ def class_folder(root: str | os.PathLike[str], name: str | None = None, min_clas
         except (ImageDecodeError, OSError) as e:
             raise ValueError(f"{paths[i]}: {e}") from e
 
-    rel = [p.relative_to(base).as_posix() for p in paths]
     return EvalDataset(
         get, len(paths), name or str(base), has_masks=False, has_labels=True,
-        num_classes=len(classes), class_names=classes, fingerprint=fingerprint_paths(rel),
+        num_classes=len(classes), class_names=classes, fingerprint=fingerprint_files(paths),
     )  # fmt: skip
 
 

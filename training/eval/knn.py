@@ -62,7 +62,9 @@ def run_knn(
         scores = knn_scores(train, train_labels, val, k, num_classes, config.temperature, config.chunk)
         out[f"top1@k{k}"] = float((scores.argmax(1) == val_labels).double().mean())
         if num_classes > 5:
-            top5 = scores.topk(5, dim=1).indices
+            # As DINO's eval_knn: at most k classes got a vote, so with k < 5 top-5 is top-k (the
+            # other "guesses" would be classes no neighbour voted for).
+            top5 = scores.topk(min(5, k, train.shape[0]), dim=1).indices
             out[f"top5@k{k}"] = float((top5 == val_labels[:, None]).any(1).double().mean())
     out["train_images"] = int(train.shape[0])
     out["val_images"] = int(val.shape[0])

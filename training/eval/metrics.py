@@ -2,9 +2,10 @@
 matchings (Hungarian for K = C, many-to-one for K > C) that overclustering is scored with.
 
 Conventions: confusion rows are ground-truth classes, columns predictions; pixels whose ground truth
-is the ignore index (255) never count. mIoU is the plain mean of per-class IoU over the classes
-present in the ground truth (no Hungarian matching unless a matching is asked for), as in the
-CoTAP, Leopart and NeCo linear probes.
+is the ignore index (255) never count. mIoU is the plain mean of per-class IoU over the classes that
+occur in the ground truth or the prediction (TP + FP + FN > 0; no Hungarian matching unless a
+matching is asked for), as CoTAP's and STEGO's metrics and mmseg compute it: a class predicted
+where the ground truth has none counts, with IoU 0.
 """
 
 from __future__ import annotations
@@ -56,12 +57,12 @@ def per_class_iou(conf: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def mean_iou(conf: torch.Tensor | np.ndarray) -> float:
-    """Mean IoU over the classes present in the ground truth (row sum > 0)."""
+    """Mean IoU over the classes in the ground truth or the prediction (union > 0)."""
     c = np.asarray(conf, dtype=np.float64)
-    present = c.sum(1) > 0
-    if not present.any():
+    if not (c.sum(1) > 0).any():
         raise ValueError("no labelled pixel in the ground truth: mIoU is undefined")
-    return float(per_class_iou(c)[present].mean())
+    iou = per_class_iou(c)
+    return float(iou[~np.isnan(iou)].mean())
 
 
 def pixel_accuracy(conf: torch.Tensor | np.ndarray) -> float:
@@ -71,18 +72,16 @@ def pixel_accuracy(conf: torch.Tensor | np.ndarray) -> float:
 
 
 def segmentation_metrics(conf: torch.Tensor | np.ndarray, class_names: list[str] | None = None) -> dict:
-    """mIoU, pixel accuracy and per-class IoU (null for classes absent from the ground truth)."""
+    """mIoU, pixel accuracy and per-class IoU (null for classes neither in the ground truth nor
+    predicted; 0 for a class only predicted); `classes_present` counts the ground truth's classes."""
     c = np.asarray(conf, dtype=np.float64)
     iou = per_class_iou(c)
-    present = c.sum(1) > 0
     names = class_names or [str(i) for i in range(len(iou))]
     return {
         "miou": mean_iou(c),
         "pixel_accuracy": pixel_accuracy(c),
-        "per_class_iou": {
-            n: (float(v) if p else None) for n, v, p in zip(names, iou.tolist(), present, strict=True)
-        },
-        "classes_present": int(present.sum()),
+        "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou, strict=True)},
+        "classes_present": int((c.sum(1) > 0).sum()),
     }
 
 

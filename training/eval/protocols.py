@@ -107,6 +107,13 @@ class Evaluator:
         cache_dir: str | os.PathLike[str] | None = None,
         report_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        fingerprint = val_data.fingerprint
+        if train_data is not None and fingerprint is not None and train_data.fingerprint == fingerprint:
+            raise ValueError(
+                f"the training data and the validation data are the same images ({val_data.name}): "
+                "the probes would be scored on what they were fitted to; give other validation data, "
+                "or none to split the data (--val-fraction)"
+            )
         self.model = as_frozen(model)
         self.train_data = train_data
         self.val_data = val_data

@@ -69,6 +69,9 @@ def test_eval_errors_are_clear(bundle: Path, capsys: pytest.CaptureFixture[str])
     assert main(["eval", "linear", "--model", str(bundle), "--data", "synthetic:4:0:32", "--size", "36"]) == 2
     assert "patch size" in capsys.readouterr().err
     assert main(["eval", "linear", "--model", "/nonexistent", "--data", "synthetic:4:0:32"]) == 2
+    same = ["--data", "synthetic:4:0:32", "--val-data", "synthetic:4:0:32"]
+    assert main(["eval", "knn", "--model", str(bundle), *same]) == 2
+    assert "the training data and the validation data are the same images" in capsys.readouterr().err
 
 
 def test_config_file_and_round_trip(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -120,6 +120,24 @@ def test_extract_features_matches_the_model_and_caches(tmp_path: Path) -> None:
     assert torch.equal(a.patch, b.patch) and torch.equal(a.masks, b.masks) and torch.equal(a.labels, b.labels)
 
 
+def test_the_feature_cache_tells_folders_with_the_same_names_apart(tmp_path: Path) -> None:
+    """Two scene folders with the same file names, and a folder whose image changed in place:
+    each is another data set to the cache (a key of the file names alone reused stale features)."""
+    model = FrozenModel(build_model("cotap_test").eval())
+    cfg = FeatureConfig(progress=False)
+    write_scenes(tmp_path / "a", 3, seed=0, config=SceneConfig(size=32))
+    write_scenes(tmp_path / "b", 3, seed=1, config=SceneConfig(size=32))
+    a, b = open_eval_data(tmp_path / "a"), open_eval_data(tmp_path / "b")
+    assert a.fingerprint != b.fingerprint
+    fa = extract_features(model, a, cfg, cache_dir=tmp_path / "cache")
+    fb = extract_features(model, b, cfg, cache_dir=tmp_path / "cache")
+    assert not torch.equal(fa.patch, fb.patch)
+    first = next(iter(sorted((tmp_path / "a" / "images").iterdir())))
+    first.write_bytes(next(iter(sorted((tmp_path / "b" / "images").iterdir()))).read_bytes())
+    again = extract_features(model, open_eval_data(tmp_path / "a"), cfg, cache_dir=tmp_path / "cache")
+    assert torch.equal(again.patch[0], fb.patch[0]) and torch.equal(again.patch[1:], fa.patch[1:])
+
+
 def test_bad_sizes_are_errors() -> None:
     data = from_arrays(np.zeros((1, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="multiples of the patch size"):

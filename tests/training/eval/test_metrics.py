@@ -21,10 +21,11 @@ from cotap.training.eval.metrics import (
 
 
 def reference_miou(pred: list[int], target: list[int], num_classes: int) -> float:
+    """Over the classes with TP + FP + FN > 0 (CoTAP's tester, STEGO, mmseg)."""
     ious = []
     for c in range(num_classes):
         pairs = [(p, t) for p, t in zip(pred, target, strict=True) if t != 255]
-        if not any(t == c for _, t in pairs):
+        if not any(t == c or p == c for p, t in pairs):
             continue
         inter = sum(1 for p, t in pairs if p == c and t == c)
         union = sum(1 for p, t in pairs if p == c or t == c)
@@ -53,8 +54,20 @@ def test_miou_matches_reference_on_random_maps() -> None:
         conf = confusion_matrix(pred, target, 5)
         ref = reference_miou(pred.flatten().tolist(), target.flatten().tolist(), 5)
         assert mean_iou(conf) == pytest.approx(ref)
-        # class 4 is absent from the ground truth: not averaged, but its false positives hurt others
-        assert np.isfinite(per_class_iou(conf)[4])
+        # class 4 is absent from the ground truth but predicted: averaged, with IoU 0
+        assert per_class_iou(conf)[4] == 0
+
+
+def test_a_class_only_predicted_counts_with_iou_zero() -> None:
+    """Ground truth {0, 1}, class 2 predicted on 2 of class 0's pixels: three classes averaged."""
+    target = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    pred = torch.tensor([0, 0, 2, 2, 1, 1, 1, 1])
+    conf = confusion_matrix(pred, target, 3)
+    # class 0: inter 2, union 4; class 1: inter 4, union 4; class 2: inter 0, union 2
+    assert mean_iou(conf) == pytest.approx((0.5 + 1 + 0) / 3)
+    m = segmentation_metrics(conf, ["a", "b", "c"])
+    assert m["per_class_iou"] == {"a": 0.5, "b": 1.0, "c": 0.0} and m["classes_present"] == 2
+    assert segmentation_metrics(confusion_matrix(pred[4:], target[4:], 3))["per_class_iou"]["0"] is None
 
 
 def test_hand_computed_iou() -> None:

@@ -135,6 +135,16 @@ def test_knn_scores_match_a_loop() -> None:
     assert torch.allclose(got, reference_knn(train, labels, query, 7, 3, 0.5), rtol=1e-4)
 
 
+def test_knn_top5_counts_only_classes_that_got_votes() -> None:
+    """With k = 1 one class gets a vote: top-5 is top-1, as DINO's narrow(1, 0, min(5, k))."""
+    g = torch.Generator().manual_seed(3)
+    xtr, ytr = torch.randn(40, 6, generator=g), torch.randint(0, 8, (40,), generator=g)
+    xva, yva = torch.randn(30, 6, generator=g), torch.randint(0, 8, (30,), generator=g)
+    m = run_knn(xtr, ytr, xva, yva, 8, KnnConfig(ks=(1, 20)))
+    assert m["top5@k1"] == m["top1@k1"]
+    assert m["top5@k20"] >= m["top1@k20"]
+
+
 def test_knn_on_separable_features() -> None:
     g = torch.Generator().manual_seed(0)
     means = torch.randn(4, 8, generator=g) * 5
