@@ -60,10 +60,10 @@ class TritonOptions:
     preferred_batch_sizes: tuple[int, ...] = ()
 
 
-def check_options(options: TritonOptions, name: str, max_batches: Sequence[int]) -> None:
+def check_options(options: TritonOptions, name: str, max_batches: Sequence[int] = ()) -> None:
     """Refuse, before anything is written, what Triton would refuse to load: a name that is not a
     plain folder name, an unknown instance kind, counts below 1, a negative queue delay, or a
-    preferred batch size above a model's `max_batch_size` (`max_batches`)."""
+    preferred batch size above a model's `max_batch_size` (`max_batches`, when known)."""
     if not MODEL_NAME.fullmatch(name):
         raise ValueError(
             f"bad model name {name!r}: use letters, digits, '_', '.' and '-', not starting with '.' or '-'"
@@ -74,7 +74,7 @@ def check_options(options: TritonOptions, name: str, max_batches: Sequence[int])
         raise ValueError(f"the instance count must be at least 1, not {options.instances}")
     if options.max_queue_delay_us < 0:
         raise ValueError(f"the queue delay must be 0 or more microseconds, not {options.max_queue_delay_us}")
-    limit = min(max_batches)
+    limit = min(max_batches, default=2**31 - 1)
     bad = [b for b in options.preferred_batch_sizes if not 1 <= b <= limit]
     if bad:
         raise ValueError(
@@ -216,6 +216,8 @@ def export_triton(
     bundle = read_bundle(bundle_dir)
     engines = engine_artifacts(bundle)
     by_cc = plans_by_compute_capability(engines, options.kind)  # refused before anything is written
+    name = options.name or bundle.config.name
+    check_options(options, name)  # before anything is written, --export-missing's export included
     record = serving_onnx(bundle).get(options.precision)
     forced = forced_files(record, engines)  # refused before anything is written
     if forced and not force:
@@ -248,21 +250,15 @@ def export_triton(
         record = serving_onnx(bundle)[options.precision]
         forced = forced_files(record, engines)
     repo = Path(out)
-    name = options.name or bundle.config.name
     check_options(options, name, [record.max_batch, *(e.max_batch for e in engines)])
     targets = [repo / name, repo / f"{name}_trt"]
     if any(t.exists() for t in targets) and not overwrite:
         raise FileExistsError(f"{targets[0]} exists in {repo}; pass --overwrite to replace it")
     repo.mkdir(parents=True, exist_ok=True)
-    # Written beside the repository, then moved in: Triton never sees a half-written model, and a
-    # failure leaves the repository as it was.
-    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}-{name}-", dir=repo.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".cotap-{name}-", dir=_staging_parent(repo)))
     try:
-        written, files = _write_models(bundle, record, engines, by_cc, staging, name, options)
-        for t in targets:
-            shutil.rmtree(t, ignore_errors=True)
-        for model in written:
-            (staging / model).rename(repo / model)
+        written, files = _write_models(bundle, record, engines, by_cc, staging / "new", name, options)
+        _swap_in(repo, targets, staging, written)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     index = repo / "cotap-repository.json"
@@ -279,6 +275,41 @@ def export_triton(
     }
     write_json(index, existing, sort_keys=True)
     return written
+
+
+def _staging_parent(repo: Path) -> Path:
+    """Where the models are written before they move in: beside the repository when that is on the
+    same filesystem and writable (Triton never sees them there), else inside it, as a hidden folder
+    (a repository that is a volume's mount point: a rename across filesystems would fail)."""
+    parent = repo.resolve().parent
+    try:
+        same = parent.stat().st_dev == repo.stat().st_dev and os.access(parent, os.W_OK)
+    except OSError:
+        same = False
+    return parent if same else repo
+
+
+def _swap_in(repo: Path, targets: Sequence[Path], staging: Path, written: Sequence[str]) -> None:
+    """Move the staged models (`staging/new/<model>`) into `repo`, the old ones (`targets`) aside
+    into `staging/old` first; if any move fails, the old models are put back."""
+    old = staging / "old"
+    old.mkdir()
+    moved: list[Path] = []
+    installed: list[Path] = []
+    try:
+        for t in targets:
+            if t.exists():
+                t.rename(old / t.name)
+                moved.append(t)
+        for model in written:
+            (staging / "new" / model).rename(repo / model)
+            installed.append(repo / model)
+    except BaseException:
+        for p in installed:
+            shutil.rmtree(p, ignore_errors=True)
+        for t in moved:
+            (old / t.name).rename(t)
+        raise
 
 
 def _write_models(

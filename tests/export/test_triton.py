@@ -296,6 +296,55 @@ def test_a_failed_write_leaves_the_repository_as_it_was(
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+def test_a_failed_move_puts_the_old_models_back(
+    tiny_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    repo = tmp_path / "repo"
+    export_triton(tiny_bundle.path, repo)
+    old = (repo / "tiny" / "config.pbtxt").read_text()
+    real_rename = Path.rename
+    failed: list[Path] = []
+
+    def rename(self: Path, target: Any) -> Path:
+        if Path(target) == repo / "tiny" and not failed:  # the new model's move in fails (once)
+            failed.append(self)
+            raise OSError(18, "Invalid cross-device link")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="cross-device"):
+        export_triton(tiny_bundle.path, repo, TritonOptions(instances=3), overwrite=True)
+    monkeypatch.undo()
+    assert failed and "new" in failed[0].parts  # it was the new model's move that failed
+    assert (repo / "tiny" / "config.pbtxt").read_text() == old
+    assert not [p for p in [*tmp_path.iterdir(), *repo.iterdir()] if p.name.startswith(".cotap")]
+
+
+def test_a_repository_on_its_own_filesystem_is_staged_inside_it(
+    tiny_bundle: Bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository that is a volume's mount point (or whose parent is read-only): the models are
+    staged in a hidden folder inside it, so the final moves stay on one filesystem."""
+    export_onnx(tiny_bundle.path, "fp32", max_batch=8)
+    repo = tmp_path / "volume"
+    monkeypatch.setattr(triton.os, "access", lambda path, mode: False)  # the parent is not writable
+    assert triton._staging_parent(repo.parent / "missing") == repo.parent / "missing"
+    repo.mkdir()
+    assert triton._staging_parent(repo) == repo
+    export_triton(tiny_bundle.path, repo)
+    assert sorted(p.name for p in repo.iterdir()) == ["cotap-repository.json", "tiny"]
+
+
+def test_a_bad_name_is_refused_before_export_missing_touches_the_bundle(
+    tiny_bundle: Bundle, tmp_path: Path
+) -> None:
+    before = (tiny_bundle.path / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="bad model name"):
+        export_triton(tiny_bundle.path, tmp_path / "repo", TritonOptions(name=".."), export_missing=True)
+    assert (tiny_bundle.path / "manifest.json").read_bytes() == before
+
+
 def test_missing_onnx_model_is_explained(tiny_bundle: Bundle, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cotap export onnx"):
         export_triton(tiny_bundle.path, tmp_path / "repo", TritonOptions(precision="fp16"))
