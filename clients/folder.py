@@ -2,9 +2,11 @@
 progress bar, resumable, and with every failure listed (see `store` for the two layouts).
 
 - Resumable: images whose features are already on disk are skipped; each output is written
-  atomically, so after a crash, SIGKILL or Ctrl-C a rerun does only what is missing. Like `make`,
-  an image modified after its features were written (source newer than its output file) is
-  embedded again: features never silently describe an older version of the file.
+  atomically, so after a crash, SIGKILL or Ctrl-C a rerun does only what is missing. An output
+  takes its image's modification time as read (as `cp -p` does), and, like `make`, an image newer
+  than its output is embedded again (its old features are dropped first): features never silently
+  describe an older version of the file, even one changed while its request was in flight, and an
+  image dated in the future does not make every run redo it.
 - Nothing lost: every image ends either written or listed in `DST/failures.json` (and in the
   report) with the server's error code, message and request id. A rerun retries the failures.
 - One bad image does not sink its request's neighbours: when the server names it, the rest are
@@ -89,7 +91,7 @@ class FolderReport:
     skipped: int  # already done before this run
     written: int  # done by this run
     failures: list[Failure] = field(default_factory=list)
-    stale: int = 0  # done before, but the image changed since: embedded again (counted in written)
+    stale: int = 0  # had features older than the image: dropped and embedded again (written or failed)
     interrupted: bool = False
     seconds: float = 0.0
     requests: int = 0
@@ -106,15 +108,16 @@ class FolderReport:
 
     def summary(self) -> str:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
-        redone = f" ({self.stale} changed since their last run)" if self.stale else ""
         failed = len(self.failures)
         not_reached = self.remaining - failed
         text = (
-            f"{self.written} written{redone}, {self.skipped} already done, {failed} failed"
+            f"{self.written} written, {self.skipped} already done, {failed} failed"
             + (f", {not_reached} not reached" if not_reached else "")
             + f" of {self.total} images in {self.seconds:.1f} s "
             f"({rate:.1f} images/s, {self.requests} requests, {self.retries} retries)"
         )
+        if self.stale:
+            text += f"; {self.stale} had changed since their features were written and were redone"
         if self.interrupted:
             text += "; interrupted: run the same command again to finish"
         return text
@@ -131,8 +134,9 @@ class FolderInterrupted(KeyboardInterrupt):
 
 
 def _up_to_date(output: Path, source: Path, mtimes: dict[Path, int]) -> bool:
-    """Whether `output` exists and was written after `source` last changed (`make`'s rule);
-    `mtimes` caches the outputs' times (a shard holds many images)."""
+    """Whether `output` is not older than `source` (`make`'s rule: an output carries its image's
+    time as read, or, written by earlier versions, its own write time); `mtimes` caches the
+    outputs' times (a shard holds many images)."""
     if output not in mtimes:
         try:
             mtimes[output] = output.stat().st_mtime_ns
@@ -182,6 +186,7 @@ class _Worker:
         self.params = params
         self.per_request = per_request
         self.limits = client.models().limits
+        self.read_mtimes: dict[str, int] = {}  # each image's modification time when it was read
 
     def __call__(self, group: Sequence[str]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -190,7 +195,9 @@ class _Worker:
         root = self.src if self.src.is_dir() else self.src.parent
         for rel in group:
             try:
-                encoded = encode_bytes((root / rel).read_bytes(), Path(rel).name, self.client.image_format)
+                path = root / rel
+                self.read_mtimes[rel] = path.stat().st_mtime_ns
+                encoded = encode_bytes(path.read_bytes(), Path(rel).name, self.client.image_format)
             except (OSError, BadImage) as e:
                 outcomes.append((rel, _failure(rel, e)))
                 continue
@@ -363,14 +370,18 @@ def embed_folder(
     mtimes: dict[Path, int] = {}
     had = [rel for rel in files if rel in outputs_of]
     done = {rel for rel in had if _up_to_date(outputs_of[rel], root / rel, mtimes)}
+    stale = [rel for rel in had if rel not in done]
+    if writer is not None:  # features of an older version of an image are dropped, not kept until redone
+        writer.forget(stale)
+    else:
+        for rel in stale:
+            outputs_of[rel].unlink(missing_ok=True)
     todo = [rel for rel in files if rel not in done]
 
     params = protocol.query(outputs=wanted, normalize=normalize, dtype=dtype_str, model=model or client.model)
     worker = _Worker(client, src, params, per_request)
     groups = [todo[i : i + per_request] for i in range(0, len(todo), per_request)]
-    report = FolderReport(
-        src=src, dst=dst, total=len(files), skipped=len(done), written=0, stale=len(had) - len(done)
-    )
+    report = FolderReport(src=src, dst=dst, total=len(files), skipped=len(done), written=0, stale=len(stale))
     stats0 = client.stats
     bar = tqdm(
         total=len(files),
@@ -397,10 +408,12 @@ def embed_folder(
                     if isinstance(outcome, Failure):
                         report.failures.append(outcome)
                     else:
+                        read_at = worker.read_mtimes.pop(rel)
                         if writer is not None:
-                            writer.add(rel, outcome)
+                            writer.add(rel, outcome, read_at)
                         else:
-                            write_features(dst, rel, outcome)
+                            out = write_features(dst, rel, outcome)
+                            os.utime(out, ns=(read_at, read_at))
                         report.written += 1
                         if on_written is not None:
                             on_written(rel)

@@ -6,19 +6,21 @@ counts as done:
 
 - one file per image: `DST/<path of the image under SRC>.safetensors` (`photos/cat.jpg` ->
   `photos/cat.jpg.safetensors`), holding `patch` (h, w, C) and/or `cls` (C,); metadata names the
-  source path, model, bundle hash, grid and sizes. Done = the file exists and is newer than the
-  image.
+  source path, model, bundle hash, grid and sizes. The file takes the image's modification time
+  as read (as `cp -p`); done = the file exists and is not older than the image.
 - shards: `DST/shard-00000.safetensors`, ... holding up to N images each (`patch` (n, h, w, C) and
   `cls` (n, C) when the grids agree, else `patch.0`, `patch.1`, ...), and `DST/index.json` mapping
   every image path to its shard and row. The index is rewritten (atomically) after each shard, so
-  done = listed in the index. An image embedded again (it changed since) moves to a later shard;
-  its old row stays in its shard but is no longer indexed, and `read_features` skips it.
+  done = listed in the index and the shard not older than the image (a shard takes the time of its
+  newest image as read). An image changed since is dropped from the index and embedded again into a
+  later shard; its old row stays in its shard, unindexed, and `read_features` skips it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,7 @@ class ShardWriter:
         self.dst = dst
         self.shard_size = shard_size
         self.buffer: list[tuple[str, Embedding]] = []
+        self._newest_source_ns: int | None = None  # the shard takes its newest image's time
         index_path = dst / INDEX
         if index_path.exists() and not fresh:
             self.index = json.loads(index_path.read_text())
@@ -127,10 +130,19 @@ class ShardWriter:
         """The shard file that holds each image's features."""
         return {rel: place[0] for rel, place in self.index["items"].items()}
 
-    def add(self, rel: str, e: Embedding) -> None:
+    def add(self, rel: str, e: Embedding, source_mtime_ns: int | None = None) -> None:
+        """Buffer one image's features (`source_mtime_ns`: the image's time when it was read)."""
         self.buffer.append((rel, e))
+        if source_mtime_ns is not None:
+            self._newest_source_ns = max(self._newest_source_ns or source_mtime_ns, source_mtime_ns)
         if len(self.buffer) >= self.shard_size:
             self.flush()
+
+    def forget(self, rels: Sequence[str]) -> None:
+        """Drop these images from the index (their rows stay in their shards, unread)."""
+        dropped = [rel for rel in rels if self.index["items"].pop(rel, None) is not None]
+        if dropped:
+            write_json(self.dst / INDEX, self.index)
 
     def flush(self) -> None:
         """Write what is buffered as one shard, then the index that lists it."""
@@ -138,6 +150,9 @@ class ShardWriter:
             return
         name = f"shard-{len(self.index['shards']):05d}{SUFFIX}"
         atomic_write(self.dst / name, self._encode(self.buffer))
+        if self._newest_source_ns is not None:  # as `cp -p`: not older than any of its images
+            os.utime(self.dst / name, ns=(self._newest_source_ns, self._newest_source_ns))
+            self._newest_source_ns = None
         paths = [rel for rel, _ in self.buffer]
         self.index["shards"].append({"file": name, "count": len(paths)})
         for row, rel in enumerate(paths):

@@ -5,6 +5,8 @@ shards and their index, and a folder never mixes two models."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,25 +116,40 @@ def test_shards_with_index(server_url: str, tmp_path: Path) -> None:
 def test_an_image_changed_since_its_run_is_embedded_again(
     server_url: str, tmp_path: Path, shard_size: int | None
 ) -> None:
-    """Like make: features older than their image are redone, and read back are the new ones."""
+    """Like make: features older than their image are dropped and redone; read back are the new ones."""
     src, dst = tmp_path / "src", tmp_path / "out"
     paths = image_folder(src, 6)
-    changed = src / paths[1]
+    changed, other = src / paths[1], src / paths[4]
     with Client(server_url) as client:
         first = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
         assert first.ok and first.written == 6
         before = _features(dst)[paths[1]]
-        other = src / paths[4]
-        changed.write_bytes(other.read_bytes())  # a newer file, other pixels
+        then = changed.stat().st_mtime_ns
+        changed.write_bytes(other.read_bytes())  # other pixels, dated 2 s later (any clock tick)
+        os.utime(changed, ns=(then, then + 2_000_000_000))
         again = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
         assert (again.skipped, again.written, again.stale) == (5, 1, 1) and again.ok
-        assert "1 written (1 changed since their last run)" in again.summary()
+        assert again.summary().endswith("; 1 had changed since their features were written and were redone")
         now = dict(read_features(dst))
         assert len(list(read_features(dst))) == 6  # the superseded row is not read back
         assert np.array_equal(now[paths[1]].patch, now[paths[4]].patch)  # type: ignore[arg-type]
         assert not np.array_equal(now[paths[1]].patch, before)  # type: ignore[arg-type]
         third = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
-    assert (third.skipped, third.written, third.stale) == (6, 0, 0)
+        assert (third.skipped, third.written, third.stale) == (6, 0, 0)
+
+        # An image dated an hour ahead (a camera clock, an archive): redone once, then settled.
+        ahead = time.time_ns() + 3600 * 10**9
+        os.utime(other, ns=(ahead, ahead))
+        fourth = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
+        fifth = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
+        assert (fourth.written, fourth.stale, fifth.written, fifth.stale) == (1, 1, 0, 0)
+
+        # Changed into something that fails: its old features are gone, not silently kept.
+        changed.write_bytes(b"not an image any more")
+        os.utime(changed, ns=(ahead, ahead + 10**9))
+        broken = client.embed_folder(src, dst, shard_size=shard_size, progress=False)
+    assert broken.stale == 1 and [f.path for f in broken.failures] == [paths[1]]
+    assert paths[1] not in dict(read_features(dst)) and len(list(read_features(dst))) == 5
 
 
 def test_refuses_to_mix_models(server_url: str, tmp_path: Path) -> None:

@@ -64,7 +64,9 @@ def fingerprint_files(paths: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         st = p.stat()
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(
+            f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+        )  # abspath: no per-file symlink walk
     return h.hexdigest()
 
 
