@@ -137,16 +137,11 @@ def _up_to_date(output: Path, source: Path, mtimes: dict[Path, int]) -> bool:
     """Whether `output` is not older than `source` (`make`'s rule: an output carries its image's
     time as read, or, written by earlier versions, its own write time); `mtimes` caches the
     outputs' times (a shard holds many images)."""
-    if output not in mtimes:
-        try:
-            mtimes[output] = output.stat().st_mtime_ns
-        except OSError:
-            mtimes[output] = -1
-        if mtimes[output] < 0:
-            return False
     try:
+        if output not in mtimes:
+            mtimes[output] = output.stat().st_mtime_ns
         return mtimes[output] >= source.stat().st_mtime_ns
-    except OSError:
+    except OSError:  # no output (a shard deleted), or the image gone
         return False
 
 
@@ -396,7 +391,6 @@ def embed_folder(
     pending: set[Future[list[Outcome]]] = set()
     next_group = 0
     gone: Unreachable | None = None
-    gone_by_hand = False
     try:
         while next_group < len(groups) or pending:
             while next_group < len(groups) and len(pending) < 2 * concurrency:
@@ -421,7 +415,6 @@ def embed_folder(
                 bar.set_postfix(failed=len(report.failures), refresh=False)
     except KeyboardInterrupt:
         report.interrupted = True
-        gone_by_hand = True
     except Unreachable as e:
         gone = e
         report.interrupted = True
@@ -444,7 +437,7 @@ def embed_folder(
                 "failures": [asdict(f) for f in report.failures],
             },
         )
-    if gone_by_hand:
+    if report.interrupted and gone is None:  # Ctrl-C
         raise FolderInterrupted(report) from None
     if gone is not None:
         raise Unreachable(

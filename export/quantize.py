@@ -102,21 +102,11 @@ def inline_weight_identities(model: onnx.ModelProto) -> int:
     return len(alias)
 
 
-@contextlib.contextmanager
-def _weights_inlined(src: str | os.PathLike[str], work: Path) -> Iterator[tuple[str, int]]:
-    """(path, count): `src` with `inline_weight_identities` applied, in a file under `work` that is
-    removed afterwards (or `src` itself when it has none)."""
+def _weights_inlined(src: str | os.PathLike[str]) -> tuple[onnx.ModelProto, int]:
+    """(the model at `src` with `inline_weight_identities` applied, how many it inlined); the
+    quantisers take the ModelProto itself."""
     model = onnx.load(str(src))
-    n = inline_weight_identities(model)
-    if not n:
-        yield str(src), 0
-        return
-    path = work / "model-fp32-inlined.onnx"
-    onnx.save(model, str(path))
-    try:
-        yield str(path), n
-    finally:
-        path.unlink(missing_ok=True)
+    return model, inline_weight_identities(model)
 
 
 def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
@@ -141,9 +131,10 @@ def to_int8_dynamic(
     """Dynamic quantisation: QInt8 weights, activations quantised per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _weights_inlined(src, Path(dst).parent) as (weights_src, inlined), _quiet_root_logger():
+    model, inlined = _weights_inlined(src)
+    with _quiet_root_logger():
         quantize_dynamic(
-            weights_src,
+            model,
             str(dst),
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(config.op_types),
@@ -200,9 +191,10 @@ def to_int8_static(
     if len(reader) == 0:
         raise ValueError("static int8 needs calibration images")
     tmp_dir = Path(dst).parent
-    with _weights_inlined(src, tmp_dir) as (weights_src, inlined), _quiet_root_logger():
+    model, inlined = _weights_inlined(src)
+    with _quiet_root_logger():
         quantize_static(
-            weights_src,
+            model,
             str(dst),
             calibration_data_reader=reader,  # type: ignore[arg-type]
             quant_format=QuantFormat.QDQ,

@@ -75,6 +75,8 @@ def check_options(options: TritonOptions, name: str, max_batches: Sequence[int] 
     if options.max_queue_delay_us < 0:
         raise ValueError(f"the queue delay must be 0 or more microseconds, not {options.max_queue_delay_us}")
     limit = min(max_batches, default=2**31 - 1)
+    if limit < 1:
+        raise ValueError(f"a model's max batch size must be at least 1, not {limit}")
     bad = [b for b in options.preferred_batch_sizes if not 1 <= b <= limit]
     if bad:
         raise ValueError(
@@ -109,13 +111,8 @@ def config_pbtxt(
     parameters: dict[str, str] | None = None,
     profiles: int = 0,
 ) -> str:
-    """The text-format `ModelConfig` for one model."""
-    if options.kind not in KINDS:
-        raise ValueError(f"instance kind must be one of {KINDS}")
-    if platform == "tensorrt_plan" and options.kind != "KIND_GPU":
-        raise ValueError(f"TensorRT plans run on GPUs only: instance kind KIND_GPU, not {options.kind}")
-    if max_batch < 1 or options.instances < 1:
-        raise ValueError("max batch and instance count must be at least 1")
+    """The text-format `ModelConfig` for one model (the values checked by `check_options` and
+    `plans_by_compute_capability`)."""
     lines = [
         f'name: "{name}"',
         f'platform: "{platform}"',
@@ -347,8 +344,8 @@ def _write_models(
             fn = by_cc[e.compute_capability]
             (trt_dir / "1" / fn).write_bytes(bundle.read_verified(e.file))
             files[f"{trt_name}/1/{fn}"] = e.sha256
-        sizes = sorted({s for e in engines for s in e.sizes})
-        trt_dims = io_dims(sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)
+        # every engine has the same sizes (plans_by_compute_capability)
+        trt_dims = io_dims(engines[0].sizes, cfg.patch_size, cfg.embed_dim, cfg.num_prototypes)
         max_batch = min(e.max_batch for e in engines)
         (trt_dir / "config.pbtxt").write_text(
             config_pbtxt(
