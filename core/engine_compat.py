@@ -180,7 +180,8 @@ def check_engine_io(trt: Any, engine: Any) -> None:
             f"it has inputs {inputs} and outputs {outputs}, the bundle contract is input "
             f"{INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}"
         )
-    wrong = {n: str(engine.get_tensor_dtype(n)) for n in names if engine.get_tensor_dtype(n) != trt.float32}
+    dtypes = {n: engine.get_tensor_dtype(n) for n in names}
+    wrong = {n: str(d) for n, d in dtypes.items() if d != trt.float32}
     if wrong:
         problems.append(f"I/O tensors must be float32, these are not: {wrong}")
     if problems:
